@@ -1,0 +1,1 @@
+"""Medusa tree speculative decoding for vLLM."""
