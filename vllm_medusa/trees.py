@@ -1,0 +1,255 @@
+"""Medusa candidate trees: presets, validation, per-tree buffers and the optimal-tree builder.
+
+A tree is a list of index paths (``medusa_choices``). Path ``(i1, ..., id)`` is the node holding the
+``i_d``-th most likely token of head ``d-1`` under node ``(i1, ..., i_{d-1})``. Row 0 of a tree is
+the *root*: the token just sampled from the base model. Paths are kept in breadth-first order
+(sorted by length, then value), so every prefix of the list is itself a valid tree and truncating a
+tree to fit a budget is slicing.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Sequence, Union
+
+import torch
+
+Path = tuple[int, ...]
+TreeSpec = Union[str, Sequence[Sequence[int]], "MedusaTree"]
+
+#: Tree rows (root + nodes) are limited so that an ancestor set fits one int64 bitmask.
+MAX_TREE_ROWS = 64
+
+# The published 63-node tree of FasterDecoding/Medusa for Vicuna-7B (nodes per depth 10/28/23/2).
+MC_SIM_7B_63: list[Path] = [
+    (0,), (0, 0), (1,), (0, 1), (2,), (0, 0, 0), (1, 0), (0, 2), (3,), (0, 3), (4,), (0, 4),
+    (2, 0), (0, 5), (0, 0, 1), (5,), (0, 6), (6,), (0, 7), (0, 1, 0), (1, 1), (7,), (0, 8),
+    (0, 0, 2), (3, 0), (0, 9), (8,), (9,), (1, 0, 0), (0, 2, 0), (1, 2), (0, 0, 3), (4, 0),
+    (2, 1), (0, 0, 4), (0, 0, 5), (0, 0, 0, 0), (0, 1, 1), (0, 0, 6), (0, 3, 0), (5, 0), (1, 3),
+    (0, 0, 7), (0, 0, 8), (0, 0, 9), (6, 0), (0, 4, 0), (1, 4), (7, 0), (0, 1, 2), (2, 0, 0),
+    (3, 1), (2, 2), (8, 0), (0, 5, 0), (1, 5), (1, 0, 1), (0, 2, 1), (9, 0), (0, 6, 0),
+    (0, 0, 0, 1), (1, 6), (0, 7, 0),
+]
+
+
+class TreeError(ValueError):
+    """An impossible or malformed tree."""
+
+
+def chain(depth: int) -> list[Path]:
+    """Top-1 guess of each of the first ``depth`` heads: upstream vLLM's chain Medusa."""
+    return [tuple([0] * d) for d in range(1, depth + 1)]
+
+
+def _small_default() -> list[Path]:
+    # A compact tree for CPUs, where a step costs the same up to ~6 tokens.
+    return [(0,), (0, 0), (1,), (0, 0, 0), (0, 1), (0, 0, 0, 0)]
+
+
+PRESETS: dict[str, list[Path]] = {
+    "mc_sim_7b_63": MC_SIM_7B_63,
+    "small": _small_default(),
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS) + ["chain-N (N = 1..5)"]
+
+
+def sort_paths(paths: Sequence[Sequence[int]]) -> list[Path]:
+    """Breadth-first order: by length, then lexicographically; duplicates removed."""
+    return sorted({tuple(int(i) for i in p) for p in paths}, key=lambda p: (len(p), p))
+
+
+@dataclass(frozen=True)
+class MedusaTree:
+    """A validated tree and the buffers the runner needs (all derived, all row-indexed).
+
+    Row 0 is the root; row ``i >= 1`` is ``paths[i - 1]``.
+    """
+
+    paths: tuple[Path, ...]
+    _cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
+
+    @staticmethod
+    def from_paths(paths: Sequence[Sequence[int]], num_heads: int | None = None,
+                   max_topk: int | None = None) -> "MedusaTree":
+        """Validate ``paths`` (any order) and build the tree; raises ``TreeError`` naming the fault."""
+        if isinstance(paths, (str, bytes)) or not isinstance(paths, Sequence):
+            raise TreeError(f"a tree is a list of index paths, got {type(paths).__name__}")
+        for p in paths:
+            if isinstance(p, (str, bytes)) or not isinstance(p, Sequence) or len(p) == 0:
+                raise TreeError(f"tree path {p!r} is not a non-empty list of integers")
+            for i in p:
+                if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+                    raise TreeError(f"tree path {list(p)} has a non-integer or negative index {i!r}")
+        ordered = sort_paths(paths)
+        present = set(ordered)
+        for p in ordered:
+            if len(p) > 1 and p[:-1] not in present:
+                raise TreeError(f"tree path {list(p)} has no parent {list(p[:-1])} in the tree")
+        if len(ordered) + 1 > MAX_TREE_ROWS:
+            raise TreeError(f"tree has {len(ordered)} nodes; at most {MAX_TREE_ROWS - 1} are supported")
+        if num_heads is not None and ordered and max(len(p) for p in ordered) > num_heads:
+            raise TreeError(f"tree is {max(len(p) for p in ordered)} deep but the checkpoint has "
+                            f"only {num_heads} Medusa heads")
+        if max_topk is not None and ordered and max(max(p) for p in ordered) >= max_topk:
+            raise TreeError(f"tree uses top-{max(max(p) for p in ordered) + 1} guesses; at most "
+                            f"top-{max_topk} are supported")
+        return MedusaTree(tuple(ordered))
+
+    @property
+    def num_nodes(self) -> int:
+        """Speculative nodes (excluding the root): the number of draft tokens per step."""
+        return len(self.paths)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.paths) + 1
+
+    @property
+    def depth(self) -> int:
+        return max((len(p) for p in self.paths), default=0)
+
+    @cached_property
+    def max_topk(self) -> int:
+        return max((max(p) for p in self.paths), default=-1) + 1
+
+    def truncate(self, num_nodes: int) -> "MedusaTree":
+        """The first ``num_nodes`` nodes: a valid subtree thanks to breadth-first order."""
+        if num_nodes >= self.num_nodes:
+            return self
+        return _truncated(self, max(num_nodes, 0))
+
+    @cached_property
+    def parents(self) -> list[int]:
+        """Parent row of each row (-1 for the root)."""
+        index = {p: i + 1 for i, p in enumerate(self.paths)}
+        return [-1] + [index[p[:-1]] if len(p) > 1 else 0 for p in self.paths]
+
+    @cached_property
+    def depths(self) -> list[int]:
+        return [0] + [len(p) for p in self.paths]
+
+    @cached_property
+    def ranks(self) -> list[int]:
+        """Which top-k guess of head ``depth-1`` each row holds (-1 for the root)."""
+        return [-1] + [p[-1] for p in self.paths]
+
+    @cached_property
+    def children(self) -> list[list[int]]:
+        kids: list[list[int]] = [[] for _ in range(self.num_rows)]
+        for row, parent in enumerate(self.parents):
+            if parent >= 0:
+                kids[parent].append(row)
+        return kids
+
+    @cached_property
+    def ancestor_masks(self) -> list[int]:
+        """Bit j of row i is set iff row j is an ancestor of row i or i itself (signed int64)."""
+        masks = [1]
+        for row in range(1, self.num_rows):
+            masks.append(masks[self.parents[row]] | (1 << row))
+        return [m - (1 << 64) if m >= 1 << 63 else m for m in masks]
+
+    def ancestor_mask_tensor(self) -> torch.Tensor:
+        return torch.tensor(self.ancestor_masks, dtype=torch.int64)
+
+    def dense_mask(self) -> torch.Tensor:
+        """``[rows, rows]`` bool: True where row i may attend to row j."""
+        m = self.ancestor_mask_tensor()
+        bits = torch.arange(self.num_rows, dtype=torch.int64)
+        return ((m[:, None] >> bits[None, :]) & 1).bool()
+
+    @cached_property
+    def is_chain(self) -> bool:
+        return all(p == i for i, p in enumerate(self.parents[1:]))
+
+    def to_json(self) -> str:
+        return json.dumps([list(p) for p in self.paths])
+
+
+def _truncated(tree: MedusaTree, n: int) -> MedusaTree:
+    key = ("trunc", n)
+    cached = tree._cache.get(key)
+    if cached is None:
+        cached = tree._cache[key] = MedusaTree(tree.paths[:n])
+    return cached
+
+
+def resolve_tree(spec: TreeSpec | None, num_heads: int, max_topk: int = 10,
+                 default: Sequence[Sequence[int]] | None = None) -> MedusaTree:
+    """Turn a user's ``tree`` option into a validated tree.
+
+    ``spec`` is a preset name (``mc_sim_7b_63``, ``small``, ``chain-3``), a path to a JSON file holding
+    a list of index paths, the list itself, or None for ``default`` (the heads' calibrated tree).
+    Paths deeper than ``num_heads`` are an error, not silently dropped.
+    """
+    if isinstance(spec, MedusaTree):
+        return MedusaTree.from_paths(spec.paths, num_heads, max_topk)
+    if spec is None:
+        spec = default if default is not None else chain(num_heads)
+    if isinstance(spec, str):
+        name = spec.strip()
+        if name in PRESETS:
+            spec = PRESETS[name]
+        elif name.startswith("chain-") and name[6:].isdigit():
+            spec = chain(int(name[6:]))
+        elif name.startswith("[") or os.path.isfile(name):
+            text = name if name.startswith("[") else open(name).read()
+            try:
+                spec = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise TreeError(f"tree {name!r} is not valid JSON: {e}") from e
+        else:
+            raise TreeError(f"unknown tree {name!r}: not a preset ({', '.join(preset_names())}) "
+                            "and not a JSON file")
+    return MedusaTree.from_paths(spec, num_heads, max_topk)
+
+
+def expected_acceptance_length(tree: MedusaTree | Sequence[Sequence[int]],
+                               accuracies: Sequence[Sequence[float]]) -> float:
+    """1 + sum over nodes of the product of per-rank accuracies along the path.
+
+    ``accuracies[k][i]`` is the probability that head k's (i+1)-th guess is the right token
+    (per rank, not cumulative), assumed independent across heads.
+    """
+    paths = tree.paths if isinstance(tree, MedusaTree) else sort_paths(tree)
+    total = 1.0
+    for p in paths:
+        prob = 1.0
+        for k, i in enumerate(p):
+            prob *= accuracies[k][i] if k < len(accuracies) and i < len(accuracies[k]) else 0.0
+        total += prob
+    return total
+
+
+def optimal_tree(accuracies: Sequence[Sequence[float]], budget: int) -> list[Path]:
+    """The tree of ``budget`` nodes with the highest expected acceptance length.
+
+    A node's value is the product of accuracies along its path and no child is worth more than its
+    parent, so the ``budget`` most valuable nodes form a valid tree: taking them greedily from the
+    frontier (children of chosen nodes) is optimal, the Medusa paper's construction.
+    Ties break toward shallower, lower-rank paths.
+    """
+    budget = min(budget, MAX_TREE_ROWS - 1)
+    heap: list[tuple[float, int, Path]] = []
+
+    def push_children(parent: Path, value: float) -> None:
+        k = len(parent)
+        if k < len(accuracies):
+            for i, acc in enumerate(accuracies[k]):
+                if acc > 0:
+                    heapq.heappush(heap, (-value * acc, k + 1, parent + (i,)))
+
+    push_children((), 1.0)
+    chosen: list[Path] = []
+    while heap and len(chosen) < budget:
+        neg, _, path = heapq.heappop(heap)
+        chosen.append(path)
+        push_children(path, -neg)
+    return sort_paths(chosen)
