@@ -1,0 +1,1 @@
+"""Attention and KV-cache kernels for Medusa tree verification."""
