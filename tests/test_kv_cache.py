@@ -1,0 +1,74 @@
+"""Compaction and gathering on a paged cache, against a dense reference."""
+
+import pytest
+import torch
+
+from vllm_medusa.kv_cache import CpuKVLayout, compaction_moves
+
+
+def _transposed_k_writer(bs: int, hs: int):
+    """Reference writer: K stored transposed per (block, head) as vLLM's `vec` ISA does, V row-major."""
+    def write(k, v, kc, vc, slots):
+        for t, s in enumerate(slots.tolist()):
+            b, o = divmod(s, bs)
+            for head in range(k.shape[1]):
+                kc[b, head].reshape(-1).view(hs, bs)[:, o] = k[t, head]
+                vc[b, head, o] = v[t, head]
+    return write
+
+
+@pytest.fixture(params=["vllm", "reference"])
+def layout_and_writer(request):
+    bs, hs = 16, 32
+    if request.param == "vllm":
+        ops = pytest.importorskip("vllm._custom_ops")
+        write = lambda k, v, kc, vc, s: ops.cpu_attn_reshape_and_cache(k, v, kc, vc, s, "vec")  # noqa: E731
+        return CpuKVLayout.probe(write, bs, hs, torch.bfloat16), write
+    write = _transposed_k_writer(bs, hs)
+    return CpuKVLayout.probe(write, bs, hs, torch.bfloat16), write
+
+
+def test_gather_reads_what_was_written(layout_and_writer):
+    layout, write = layout_and_writer
+    torch.manual_seed(0)
+    nb, h, bs, hs = 6, 2, layout.block_size, layout.head_size
+    kv = torch.zeros(nb, h, bs, 2 * hs, dtype=torch.bfloat16)
+    kc, vc = kv.view(nb, h, 2 * bs, hs).chunk(2, dim=2)
+    slots = torch.randperm(nb * bs)[:40]
+    k = torch.randn(40, h, hs).bfloat16()
+    v = torch.randn(40, h, hs).bfloat16()
+    write(k, v, kc, vc, slots)
+    gk, gv = layout.gather(kv, slots)
+    assert torch.equal(gk, k) and torch.equal(gv, v)
+
+
+def test_compaction_across_block_boundary(layout_and_writer):
+    """A request whose context ends near a block end: tree rows span two blocks, accepted rows
+    1->1, 4->2, 9->3 must land in the first slots after the root, the rest untouched."""
+    layout, write = layout_and_writer
+    torch.manual_seed(1)
+    nb, h, bs, hs = 4, 3, layout.block_size, layout.head_size
+    kv = torch.zeros(nb, h, bs, 2 * hs, dtype=torch.bfloat16)
+    kc, vc = kv.view(nb, h, 2 * bs, hs).chunk(2, dim=2)
+    block_ids = [2, 0, 3]  # non-contiguous physical blocks
+    ctx = bs - 3  # root at position ctx, tree rows cross into the next block
+    positions = torch.arange(ctx + 12)
+    slot_of = lambda p: block_ids[p // bs] * bs + p % bs  # noqa: E731
+    slots = torch.tensor([slot_of(int(p)) for p in positions])
+    k = torch.randn(len(slots), h, hs).bfloat16()
+    v = torch.randn(len(slots), h, hs).bfloat16()
+    write(k, v, kc, vc, slots)
+    step_slots = slots[ctx:]  # this step's rows: root + 11 nodes
+    src, dst = compaction_moves(step_slots, [0], [[1, 4, 9]])
+    layout.copy_slots(kv, src, dst)
+    expect_k, expect_v = k.clone(), v.clone()
+    for j, n in enumerate([1, 4, 9], start=1):
+        expect_k[ctx + j], expect_v[ctx + j] = k[ctx + n], v[ctx + n]
+    gk, gv = layout.gather(kv, slots)
+    assert torch.equal(gk, expect_k) and torch.equal(gv, expect_v)
+
+
+def test_compaction_moves_skip_rows_in_place():
+    sm = torch.arange(100, 120)
+    src, dst = compaction_moves(sm, [0, 10], [[1, 2], [2, 5]])
+    assert src.tolist() == [112, 115] and dst.tolist() == [111, 112]

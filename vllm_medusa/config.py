@@ -1,0 +1,102 @@
+"""User-facing options of ``method="medusa_tree"``, parsed and checked without vLLM.
+
+Users write ``speculative_config={"method": "medusa_tree", "model": HEADS_DIR, ...}`` or
+``--speculative-model medusa:HEADS_DIR[?tree=NAME&acceptance=typical...]``. vLLM's own
+``SpeculativeConfig`` forbids unknown keys, so the registration layer carries these options to the
+workers in ``additional_config["medusa_tree"]`` as the plain dict produced by :meth:`to_dict`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+from urllib.parse import parse_qsl
+
+METHOD = "medusa_tree"
+ADDITIONAL_CONFIG_KEY = "medusa_tree"
+
+
+class MedusaConfigError(ValueError):
+    """A bad ``medusa_tree`` option; the message names the option."""
+
+
+@dataclass
+class MedusaOptions:
+    heads: str
+    tree: Any = None
+    num_speculative_tokens: int | None = None
+    acceptance: str = "exact"
+    posterior_threshold: float = 0.09
+    posterior_alpha: float = 0.3
+    adaptive: bool = True
+    max_topk: int = 10
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(raw: dict[str, Any]) -> "MedusaOptions":
+        known = {f.name for f in fields(MedusaOptions)}
+        raw = dict(raw)
+        raw.pop("method", None)
+        if "model" in raw:
+            raw["heads"] = raw.pop("model")
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise MedusaConfigError(f"unknown medusa_tree option(s) {unknown}; known: {sorted(known - {'heads'}) + ['model']}")
+        if not raw.get("heads"):
+            raise MedusaConfigError("medusa_tree needs 'model': the folder (or file) of the Medusa heads")
+        opts = MedusaOptions(**raw)
+        opts.validate()
+        return opts
+
+    def validate(self) -> None:
+        if not os.path.exists(self.heads):
+            raise MedusaConfigError(f"Medusa heads not found: {self.heads!r} does not exist")
+        if self.acceptance not in ("exact", "typical"):
+            raise MedusaConfigError(f"acceptance must be 'exact' or 'typical', got {self.acceptance!r}")
+        if self.num_speculative_tokens is not None:
+            n = self.num_speculative_tokens
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 63:
+                raise MedusaConfigError(f"num_speculative_tokens must be an integer in 1..63, got {n!r}")
+        if not 0 < float(self.posterior_threshold) <= 1:
+            raise MedusaConfigError(f"posterior_threshold must be in (0, 1], got {self.posterior_threshold!r}")
+        if not 0 < float(self.posterior_alpha) <= 1:
+            raise MedusaConfigError(f"posterior_alpha must be in (0, 1], got {self.posterior_alpha!r}")
+        if not isinstance(self.adaptive, bool):
+            raise MedusaConfigError(f"adaptive must be true or false, got {self.adaptive!r}")
+
+
+def _coerce(key: str, value: str) -> Any:
+    if key in ("num_speculative_tokens", "max_topk"):
+        try:
+            return int(value)
+        except ValueError:
+            raise MedusaConfigError(f"{key} must be an integer, got {value!r}") from None
+    if key in ("posterior_threshold", "posterior_alpha"):
+        try:
+            return float(value)
+        except ValueError:
+            raise MedusaConfigError(f"{key} must be a number, got {value!r}") from None
+    if key == "adaptive":
+        if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise MedusaConfigError(f"adaptive must be true or false, got {value!r}")
+        return value.lower() in ("1", "true", "yes")
+    return value
+
+
+def parse_speculative_model(value: str, tree: str | None = None) -> dict[str, Any]:
+    """``medusa:HEADS[?key=value&...]`` -> a ``speculative_config`` dict for ``medusa_tree``."""
+    if not value.startswith("medusa:"):
+        raise MedusaConfigError(f"--speculative-model takes 'medusa:HEADS_DIR[?tree=...]', got {value!r}")
+    rest = value[len("medusa:"):]
+    path, _, query = rest.partition("?")
+    if not path:
+        raise MedusaConfigError("--speculative-model medusa: needs a heads folder after 'medusa:'")
+    config: dict[str, Any] = {"method": METHOD, "model": path}
+    for key, val in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
+        config[key] = _coerce(key, val)
+    if tree is not None:
+        config["tree"] = tree
+    return config

@@ -1,0 +1,120 @@
+"""The Medusa tree drafter: heads on the last accepted hidden state -> one tree of tokens per request.
+
+vLLM creates it through ``SpeculativeConfig(method="custom_class")`` and calls ``load_model`` with
+the target model. vLLM's custom-proposer interface hands a drafter token ids only, so the Medusa
+runner (``runner.py``) calls :meth:`propose_trees` with the hidden states instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from vllm_medusa.config import ADDITIONAL_CONFIG_KEY, MedusaOptions
+from vllm_medusa.heads import MedusaHeads, load_medusa_heads
+from vllm_medusa.policy import TreeBudgetPolicy
+from vllm_medusa.trees import MedusaTree, resolve_tree
+
+logger = logging.getLogger(__name__)
+
+
+def heads_default_tree(heads_path: str) -> list | None:
+    """The tree calibrated for these heads (``tree.json`` beside them), if any."""
+    folder = Path(heads_path)
+    folder = folder if folder.is_dir() else folder.parent
+    tree_file = folder / "tree.json"
+    return json.loads(tree_file.read_text()) if tree_file.is_file() else None
+
+
+def heads_accuracies(heads_path: str) -> list[list[float]] | None:
+    folder = Path(heads_path)
+    folder = folder if folder.is_dir() else folder.parent
+    f = folder / "accuracies.json"
+    if not f.is_file():
+        return None
+    data = json.loads(f.read_text())
+    return data.get("per_rank", data) if isinstance(data, dict) else data
+
+
+def draft_tree_tokens(topk_ids: torch.Tensor, tree: MedusaTree) -> torch.Tensor:
+    """``topk_ids [K, B, k]`` -> ``[B, num_nodes]``: node ``(i1..id)`` holds head d-1's i_d-th guess."""
+    if tree.num_nodes == 0:
+        return topk_ids.new_empty((topk_ids.shape[1], 0))
+    depth_idx = torch.tensor(tree.depths[1:], device=topk_ids.device) - 1
+    rank_idx = torch.tensor(tree.ranks[1:], device=topk_ids.device)
+    return topk_ids[depth_idx, :, rank_idx].t()
+
+
+class MedusaTreeProposer:
+    """Drafts a Medusa tree per request; the runner verifies it."""
+
+    def __init__(self, vllm_config, device: torch.device | str | None = None):
+        raw = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+        if raw is None:
+            raise RuntimeError("MedusaTreeProposer needs additional_config['medusa_tree']; use "
+                               "speculative_config={'method': 'medusa_tree', ...}")
+        self.options = MedusaOptions.from_dict(raw)
+        self.vllm_config = vllm_config
+        self.device = device
+        self.num_speculative_tokens = vllm_config.speculative_config.num_speculative_tokens
+        self.heads: MedusaHeads | None = None
+        self.lm_head_weight: torch.Tensor | None = None
+        self.tree: MedusaTree | None = None
+        self.policy: TreeBudgetPolicy | None = None
+
+    def load_model(self, target_model: torch.nn.Module) -> None:
+        model_config = self.vllm_config.model_config
+        hidden = model_config.get_hidden_size()
+        vocab = model_config.get_vocab_size()
+        dtype = model_config.dtype
+        device = next(target_model.parameters()).device
+        self.heads = load_medusa_heads(self.options.heads, hidden_size=hidden, vocab_size=vocab,
+                                       dtype=dtype, device=device).eval()
+        self.lm_head_weight = target_model.lm_head.weight if self.heads.shared_lm_head else None
+        self.tree = resolve_medusa_tree(self.options, self.heads.num_heads)
+        self.policy = TreeBudgetPolicy.for_tree(self.tree, heads_accuracies(self.options.heads),
+                                                adaptive=self.options.adaptive)
+        logger.info("Medusa tree drafter: %s, tree of %d nodes (depth %d), acceptance=%s, adaptive=%s",
+                    self.heads.extra_repr(), self.tree.num_nodes, self.tree.depth,
+                    self.options.acceptance, self.options.adaptive)
+
+    def step_num_nodes(self, num_decoding: int) -> int:
+        """Nodes per request this step, from the load (the adaptive policy) or the fixed tree."""
+        assert self.policy is not None
+        return self.policy.num_nodes(num_decoding)
+
+    @torch.inference_mode()
+    def propose_trees(self, hidden: torch.Tensor, num_nodes: Sequence[int]
+                      ) -> tuple[list[list[int]], list[MedusaTree]]:
+        """Per request b: draft tokens and tree, from hidden states ``[B, H]`` of the last accepted
+        tokens, with ``num_nodes[b]`` nodes (the step's budget, cut by what the request may still
+        emit). Requests in one batch may get trees of different sizes; the scheduler may cut each one
+        shorter again (token budget, max_model_len), which keeps a valid subtree.
+        """
+        assert self.heads is not None and self.tree is not None
+        trees = [self.tree.truncate(n) for n in num_nodes]
+        widest = max(trees, key=lambda t: t.num_nodes, default=None)
+        if widest is None or widest.num_nodes == 0:
+            return [[] for _ in trees], trees
+        topk_ids = self.heads.topk_token_ids(hidden, max(widest.max_topk, 1), self.lm_head_weight)
+        drafts = draft_tree_tokens(topk_ids, widest).tolist()
+        return [d[:t.num_nodes] for d, t in zip(drafts, trees)], trees
+
+    def propose(self, *args, **kwargs):
+        """vLLM's custom-proposer entry point; tree drafting needs hidden states, so refuse clearly."""
+        raise RuntimeError("medusa_tree drafts from hidden states and must run in the Medusa worker "
+                           "(worker_cls is set by the vllm-medusa plugin); do not use "
+                           "method='custom_class' with this class directly")
+
+
+def resolve_medusa_tree(options: MedusaOptions, num_heads: int) -> MedusaTree:
+    """The tree from the options, else the heads' calibrated tree, else a chain over all heads."""
+    tree = resolve_tree(options.tree, num_heads=num_heads, max_topk=options.max_topk,
+                        default=heads_default_tree(options.heads))
+    if options.num_speculative_tokens is not None:
+        tree = tree.truncate(options.num_speculative_tokens)
+    return tree

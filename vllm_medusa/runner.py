@@ -1,0 +1,326 @@
+"""The vLLM-facing runner glue: every hook into vLLM's model runner lives here, and stays thin.
+
+The V1 runner already schedules any list of draft tokens per request and rolls back
+``num_computed_tokens`` by the number rejected. A tree needs four changes on top, each delegating to
+a plain-torch module:
+
+- ``_prepare_inputs``: tree rows get positions ``ctx + depth`` (rotary must see the depth), and
+  the step's tree-attention batch is published for the attention layers (``attention.py``);
+- attention: ``MedusaCPUAttentionImpl`` recomputes the rows of non-chain trees;
+- ``_sample``: the tree walk replaces the chain rejection sampler (``verification.py``), then the
+  accepted branch's K/V are moved into place (``kv_cache.py``);
+- ``propose_draft_token_ids``: the heads run on the hidden state of each request's last accepted
+  node (``proposer.py``), and each request's tree is remembered for the next step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from vllm_medusa.attention import TreeAttentionBatch, paged_tree_attention
+from vllm_medusa.kv_cache import CpuKVLayout, compaction_moves
+from vllm_medusa.proposer import MedusaTreeProposer
+from vllm_medusa.trees import MedusaTree, chain
+from vllm_medusa.verification import TypicalAcceptance, pack_outputs, walk_trees
+
+
+@dataclass
+class _StepTrees:
+    """The trees verified in the current step, indexed by batch row of the request."""
+
+    trees: list[MedusaTree | None]
+    attention: TreeAttentionBatch | None
+
+
+class _TreeAttentionState:
+    """The current step's tree rows, read by every attention layer; None outside a tree step."""
+
+    batch: TreeAttentionBatch | None = None
+
+
+TREE_ATTENTION = _TreeAttentionState()
+_LAYOUTS: dict[tuple, CpuKVLayout] = {}
+
+
+def cpu_kv_layout(isa: str, block_size: int, head_size: int, dtype: torch.dtype) -> CpuKVLayout:
+    """The CPU cache packing for this ISA and shape, learned once through vLLM's own write op."""
+    key = (isa, block_size, head_size, dtype)
+    if key not in _LAYOUTS:
+        from vllm import _custom_ops as ops
+
+        def write(k, v, kc, vc, slots):
+            ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa)
+
+        _LAYOUTS[key] = CpuKVLayout.probe(write, block_size, head_size, dtype)
+    return _LAYOUTS[key]
+
+
+def _cpu_attention_impl_cls():
+    from vllm.v1.attention.backend import AttentionType
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
+
+    class MedusaCPUAttentionImpl(CPUAttentionBackendImpl):
+        """vLLM's CPU attention, then tree rows recomputed with their ancestor masks."""
+
+        def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                    output_scale=None, output_block_scale=None):
+            result = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                     output_scale, output_block_scale)
+            batch = TREE_ATTENTION.batch
+            if batch is None or attn_metadata is None or self.attn_type != AttentionType.DECODER:
+                return result
+            nb, _, block_size, _ = kv_cache.shape
+            layout = cpu_kv_layout(layer.isa, block_size, self.head_size, kv_cache.dtype)
+            out = output.view(output.shape[0], self.num_heads, self.head_size)
+            paged_tree_attention(query, key, value, kv_cache, layout, batch, self.scale, out)
+            return result
+
+    class MedusaCPUAttentionBackend(CPUAttentionBackend):
+        @staticmethod
+        def get_impl_cls():
+            return MedusaCPUAttentionImpl
+
+    return MedusaCPUAttentionBackend
+
+
+def install_cpu_attention() -> None:
+    """Point vLLM's ``CPU_ATTN`` entry at the tree-aware subclass (the platform always picks it)."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    cls = _cpu_attention_impl_cls()
+    globals()["MedusaCPUAttentionBackend"] = cls
+    register_backend(AttentionBackendEnum.CPU_ATTN, f"{__name__}.MedusaCPUAttentionBackend")
+
+
+class MedusaTreeRunnerMixin:
+    """Overrides for ``GPUModelRunner`` and its CPU subclass; see the module docstring."""
+
+    def _medusa_init(self) -> None:
+        if not isinstance(self.drafter, MedusaTreeProposer):
+            raise RuntimeError("the Medusa runner needs the medusa_tree drafter; got "
+                               f"{type(self.drafter).__name__}")
+        if getattr(self, "uses_mrope", False):
+            raise NotImplementedError("medusa_tree does not support M-RoPE models yet")
+        self._medusa_trees: dict[str, MedusaTree] = {}
+        self._medusa_step: _StepTrees | None = None
+        self._medusa_last_rows: list[int] | None = None
+        opts = self.drafter.options
+        self._medusa_typical = (TypicalAcceptance(opts.posterior_threshold, opts.posterior_alpha)
+                                if opts.acceptance == "typical" else None)
+
+    # -- inputs --------------------------------------------------------------------------------
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+        result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
+        self._medusa_step = self._medusa_tree_rows(scheduler_output)
+        TREE_ATTENTION.batch = self._medusa_step.attention
+        return result
+
+    def _medusa_tree_rows(self, scheduler_output) -> _StepTrees:
+        batch = self.input_batch
+        trees: list[MedusaTree | None] = [None] * batch.num_reqs
+        starts, masks, ctx_slots = [], [], []
+        block_table = batch.block_table[0]
+        bs = block_table.block_size
+        for req_id, drafts in scheduler_output.scheduled_spec_decode_tokens.items():
+            n = len(drafts)
+            if n == 0:
+                continue
+            i = batch.req_id_to_index[req_id]
+            tree = self._medusa_trees.get(req_id)
+            if tree is None or tree.num_nodes < n:
+                tree = MedusaTree.from_paths(chain(n))
+            tree = tree.truncate(n)
+            trees[i] = tree
+            start = int(self.query_start_loc.np[i])
+            ctx = int(batch.num_computed_tokens_cpu[i])
+            self.positions[start:start + n + 1] = ctx + torch.tensor(tree.depths, dtype=torch.int64)
+            if not tree.is_chain:
+                blocks = torch.from_numpy(block_table.block_table.np[i, :(ctx + bs - 1) // bs]
+                                          .astype(np.int64))
+                slots = (blocks[:, None] * bs + torch.arange(bs)).reshape(-1)[:ctx]
+                starts.append(start)
+                masks.append(tree.ancestor_masks)
+                ctx_slots.append(slots)
+        attention = (TreeAttentionBatch.build(starts, masks, ctx_slots, device=self.device)
+                     if starts else None)
+        return _StepTrees(trees, attention)
+
+    def execute_model(self, *args, **kwargs):
+        try:
+            return super().execute_model(*args, **kwargs)
+        finally:
+            TREE_ATTENTION.batch = None
+
+    def _update_states(self, scheduler_output):
+        for req_id in scheduler_output.finished_req_ids:
+            self._medusa_trees.pop(req_id, None)
+        return super()._update_states(scheduler_output)
+
+    # -- verification --------------------------------------------------------------------------
+    def _sample(self, logits, spec_decode_metadata):
+        step = self._medusa_step
+        if spec_decode_metadata is None or step is None:
+            self._medusa_last_rows = None
+            return super()._sample(logits, spec_decode_metadata)
+        from vllm.v1.outputs import SamplerOutput
+
+        sampling_metadata = self.input_batch.sampling_metadata
+        self.input_batch.update_async_output_token_ids()
+        num_drafts = list(spec_decode_metadata.num_draft_tokens)
+        row_starts = np.concatenate([[0], np.cumsum(np.asarray(num_drafts) + 1)[:-1]]).tolist()
+        flat = spec_decode_metadata.draft_token_ids.tolist()
+        cuts = np.cumsum([0] + num_drafts).tolist()
+        drafts = [flat[cuts[b]:cuts[b + 1]] for b in range(len(num_drafts))]
+        children = [t.children if t is not None else [[]] for t in step.trees]
+        levels: list[Any] = []
+
+        def sample(rows: torch.Tensor, history: list[list[int]]) -> list[int]:
+            meta = sampling_metadata
+            if not meta.no_penalties and any(history):
+                meta = replace(meta, output_token_ids=[o + h for o, h in
+                                                       zip(meta.output_token_ids, history)])
+            out = self.sampler(logits=logits[rows.to(logits.device)], sampling_metadata=meta)
+            levels.append(out.logprobs_tensors)
+            return out.sampled_token_ids[:, 0].tolist()
+
+        walk = walk_trees(row_starts, children, drafts, sample, logits=logits,
+                          temperature=sampling_metadata.temperature, typical=self._medusa_typical)
+        self._medusa_compact(walk.accepted_rows)
+        self._medusa_last_rows = [s + r for s, r in zip(row_starts, walk.last_rows)]
+        width = max(num_drafts) + 1
+        tokens = pack_outputs(walk.tokens, width, device=logits.device)
+        return SamplerOutput(sampled_token_ids=tokens,
+                             logprobs_tensors=_stack_level_logprobs(levels, width))
+
+    def _medusa_compact(self, accepted_rows: list[list[int]]) -> None:
+        if not any(accepted_rows):
+            return
+        num_reqs = len(accepted_rows)
+        starts = self.query_start_loc.np[:num_reqs].tolist()
+        slot_mapping = self.input_batch.block_table[0].slot_mapping.gpu
+        src, dst = compaction_moves(slot_mapping, starts, accepted_rows)
+        if src.numel() == 0:
+            return
+        seen: set[int] = set()
+        for kv in self.kv_caches:
+            if kv is None or kv.data_ptr() in seen:
+                continue
+            seen.add(kv.data_ptr())
+            self._medusa_copy_slots(kv, src, dst)
+
+    # -- drafting ------------------------------------------------------------------------------
+    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata,
+                                hidden_states, sample_hidden_states, aux_hidden_states,
+                                spec_decode_metadata, common_attn_metadata, slot_mappings):
+        batch = self.input_batch
+        num_reqs = len(sampled_token_ids)
+        rows = (self._medusa_last_rows if spec_decode_metadata is not None
+                and self._medusa_last_rows is not None else list(range(num_reqs)))
+        active = [b for b in range(num_reqs) if sampled_token_ids[b]
+                  and not _uses_structured_output(self.requests[batch.req_ids[b]])]
+        drafts: list[list[int]] = [[] for _ in range(num_reqs)]
+        if not active:
+            return drafts
+        budget = self.drafter.step_num_nodes(len(active))
+        caps = [min(budget, self._medusa_room(batch.req_ids[b])) for b in active]
+        hidden = sample_hidden_states[torch.tensor([rows[b] for b in active],
+                                                   device=sample_hidden_states.device)]
+        proposed, trees = self.drafter.propose_trees(hidden, caps)
+        for b, d, tree in zip(active, proposed, trees):
+            drafts[b] = d
+            self._medusa_trees[batch.req_ids[b]] = tree
+        return drafts
+
+    def _medusa_room(self, req_id: str) -> int:
+        """Drafts worth verifying: a step emits at most nodes + 1 tokens, so never more than the
+        request may still produce (``max_tokens``) or fit (``max_model_len``)."""
+        state = self.requests[req_id]
+        room = self.max_model_len - state.num_tokens - 1
+        max_tokens = getattr(state.sampling_params, "max_tokens", None)
+        if max_tokens is not None:
+            room = min(room, max_tokens - len(state.output_token_ids) - 1)
+        return max(room, 0)
+
+
+def _uses_structured_output(state) -> bool:
+    params = state.sampling_params
+    return params is not None and getattr(params, "structured_outputs", None) is not None
+
+
+def _stack_level_logprobs(levels: list, width: int):
+    """Per-level sampler logprobs -> the ``[batch * width, k]`` layout of the rejection sampler:
+    the token at output position p of a request was drawn at level p."""
+    if not levels or levels[0] is None:
+        return None
+    from vllm.v1.outputs import LogprobsTensors
+
+    batch = levels[0].logprobs.shape[0]
+    pick = torch.clamp(torch.arange(width), max=len(levels) - 1)
+
+    def stack(name: str) -> torch.Tensor:
+        t = torch.stack([getattr(lv, name) for lv in levels])  # [levels, B, ...]
+        return t[pick].transpose(0, 1).reshape(batch * width, *t.shape[2:])
+
+    return LogprobsTensors(stack("logprob_token_ids"), stack("logprobs"),
+                           stack("selected_token_ranks"))
+
+
+def _make_cpu_runner_cls():
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    class MedusaCPUModelRunner(MedusaTreeRunnerMixin, CPUModelRunner):
+        def __init__(self, vllm_config, device):
+            super().__init__(vllm_config, device)
+            self._medusa_init()
+
+        def _medusa_copy_slots(self, kv: torch.Tensor, src: torch.Tensor, dst: torch.Tensor):
+            from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+            head_size = kv.shape[-1] // 2
+            isa = _get_attn_isa(kv.dtype, kv.shape[2], head_size, self.cache_config.cache_dtype)
+            cpu_kv_layout(isa, kv.shape[2], head_size, kv.dtype).copy_slots(kv, src, dst)
+
+    return MedusaCPUModelRunner
+
+
+def _make_cpu_worker_cls():
+    from vllm.v1.worker import cpu_worker
+
+    class MedusaCPUWorker(cpu_worker.CPUWorker):
+        """CPU worker that builds the Medusa runner and installs tree-aware CPU attention."""
+
+        def __init__(self, *args, **kwargs):
+            install_cpu_attention()
+            super().__init__(*args, **kwargs)
+
+        def init_device(self):
+            runner_cls = _make_cpu_runner_cls()
+            with _swap(cpu_worker, "CPUModelRunner", runner_cls):
+                super().init_device()
+
+    return MedusaCPUWorker
+
+
+@contextlib.contextmanager
+def _swap(module, name: str, value):
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+def __getattr__(name: str):
+    # The classes subclass vLLM's and are built on first use, so importing this module (e.g. in
+    # the front-end process or in unit tests) does not import vLLM's worker stack.
+    if name == "MedusaCPUWorker":
+        cls = _make_cpu_worker_cls()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)
