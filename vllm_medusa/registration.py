@@ -1,6 +1,137 @@
-"""vLLM plugin entry point (placeholder until the hooks land)."""
+"""vLLM plugin entry point: turns ``method="medusa_tree"`` into vLLM's own extension points.
+
+``register()`` runs in every vLLM process (entry point group ``vllm.general_plugins``). It wraps two
+``EngineArgs`` methods, nothing else:
+
+- ``add_cli_args`` / ``from_cli_args``: add ``--speculative-model medusa:HEADS`` and
+  ``--medusa-tree`` and fold them into ``--speculative-config``;
+- ``create_engine_config``: rewrite ``{"method": "medusa_tree", ...}`` into
+  ``method="custom_class"`` (the drafter), ``worker_cls`` (the Medusa runner) and
+  ``additional_config["medusa_tree"]`` (the options, since ``SpeculativeConfig`` forbids extra keys).
+
+The hooks are checked against the installed vLLM when medusa_tree is first used, with an error
+naming what is missing.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Any
+
+from vllm_medusa.config import (ADDITIONAL_CONFIG_KEY, METHOD, MedusaConfigError, MedusaOptions,
+                                parse_speculative_model)
+
+PROPOSER_CLASS = "vllm_medusa.proposer.MedusaTreeProposer"
+CPU_WORKER_CLASS = "vllm_medusa.runner.MedusaCPUWorker"
+GPU_WORKER_CLASS = "vllm_medusa.gpu_runner.MedusaGPUWorker"
+SUPPORTED_VLLM = ((0, 32), (0, 34))  # [min, max)
+
+#: The vLLM attributes the plugin relies on: (module, attribute path).
+REQUIRED_HOOKS = [
+    ("vllm.engine.arg_utils", "EngineArgs.create_engine_config"),
+    ("vllm.engine.arg_utils", "EngineArgs.add_cli_args"),
+    ("vllm.engine.arg_utils", "EngineArgs.from_cli_args"),
+    ("vllm.v1.spec_decode.custom_class_proposer", "create_custom_proposer"),
+    ("vllm.v1.attention.backends.registry", "register_backend"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._prepare_inputs"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._sample"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.propose_draft_token_ids"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._update_states"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.execute_model"),
+]
+CPU_HOOKS = [
+    ("vllm.v1.worker.cpu_worker", "CPUModelRunner"),
+    ("vllm.v1.worker.cpu_worker", "CPUWorker.init_device"),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl.forward"),
+    ("vllm._custom_ops", "cpu_attn_reshape_and_cache"),
+]
 
 _REGISTERED = False
+
+
+def vllm_version() -> tuple[int, int]:
+    import vllm
+
+    parts = vllm.__version__.split(".")
+    return int(parts[0]), int(parts[1])
+
+
+def check_vllm_hooks(cpu: bool) -> None:
+    """Fail with a clear message if the installed vLLM lacks a hook the plugin needs."""
+    version = vllm_version()
+    if not SUPPORTED_VLLM[0] <= version < SUPPORTED_VLLM[1]:
+        raise RuntimeError(f"vllm-medusa supports vLLM {SUPPORTED_VLLM[0][0]}.{SUPPORTED_VLLM[0][1]} "
+                           f"to <{SUPPORTED_VLLM[1][0]}.{SUPPORTED_VLLM[1][1]}; found "
+                           f"{version[0]}.{version[1]}")
+    missing = []
+    for module, path in REQUIRED_HOOKS + (CPU_HOOKS if cpu else []):
+        try:
+            obj: Any = importlib.import_module(module)
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError):
+            missing.append(f"{module}.{path}")
+    if missing:
+        raise RuntimeError("the installed vLLM lacks hooks vllm-medusa needs: " + ", ".join(missing))
+
+
+def _is_medusa_tree(method: Any) -> bool:
+    # vLLM 0.33 dropped Medusa, so there "medusa" means the tree drafter; on 0.32 it stays upstream's
+    # chain Medusa (the baseline).
+    return method == METHOD or (method == "medusa" and vllm_version() >= (0, 33))
+
+
+def translate_engine_args(args: Any) -> None:
+    """Rewrite a ``medusa_tree`` speculative config on ``EngineArgs`` in place."""
+    spec = args.speculative_config
+    if not isinstance(spec, dict) or not _is_medusa_tree(spec.get("method")):
+        return
+    from vllm.platforms import current_platform
+
+    from vllm_medusa.proposer import resolve_medusa_tree
+
+    raw = dict(spec)
+    raw["method"] = METHOD
+    raw["model"] = os.path.abspath(os.path.expanduser(str(raw.get("model") or "")))
+    options = MedusaOptions.from_dict(raw)
+    # Head count is checked when the workers load the heads; here only the tree's size matters.
+    tree = resolve_medusa_tree(options, num_heads=64)
+    if tree.num_nodes == 0:
+        raise MedusaConfigError("the medusa_tree tree has no nodes")
+    cpu = current_platform.is_cpu()
+    check_vllm_hooks(cpu)
+    if args.worker_cls not in ("auto", None, CPU_WORKER_CLASS, GPU_WORKER_CLASS):
+        raise MedusaConfigError(f"medusa_tree runs in its own worker; remove --worker-cls "
+                                f"{args.worker_cls!r}")
+    args.speculative_config = {"method": "custom_class", "model": PROPOSER_CLASS,
+                               "num_speculative_tokens": tree.num_nodes}
+    args.worker_cls = CPU_WORKER_CLASS if cpu else GPU_WORKER_CLASS
+    args.additional_config = {**(args.additional_config or {}), ADDITIONAL_CONFIG_KEY: options.to_dict()}
+
+
+def _add_cli_args(parser):
+    group = parser.add_argument_group("Medusa tree speculative decoding (vllm-medusa)")
+    group.add_argument("--speculative-model", default=None, metavar="medusa:HEADS_DIR",
+                       help="Medusa tree speculative decoding with the heads in HEADS_DIR. Options may "
+                            "follow as a query string: medusa:HEADS?tree=small&acceptance=typical")
+    group.add_argument("--medusa-tree", default=None,
+                       help="Tree for --speculative-model: a preset (mc_sim_7b_63, small, chain-N), a "
+                            "JSON file or a JSON list of index paths; default: the heads' tree.json")
+    return parser
+
+
+def _fold_cli_args(args) -> None:
+    model = getattr(args, "speculative_model", None)
+    tree = getattr(args, "medusa_tree", None)
+    if model is None:
+        if tree is not None:
+            raise MedusaConfigError("--medusa-tree needs --speculative-model medusa:HEADS_DIR")
+        return
+    if getattr(args, "speculative_config", None):
+        raise MedusaConfigError("--speculative-model and --speculative-config are mutually exclusive")
+    args.speculative_config = parse_speculative_model(model, tree)
 
 
 def register() -> None:
@@ -9,3 +140,28 @@ def register() -> None:
     if _REGISTERED:
         return
     _REGISTERED = True
+    from vllm.engine.arg_utils import EngineArgs
+
+    create = EngineArgs.create_engine_config
+
+    @functools.wraps(create)
+    def create_engine_config(self, *a, **kw):
+        translate_engine_args(self)
+        return create(self, *a, **kw)
+
+    add_cli_args = EngineArgs.add_cli_args
+
+    @functools.wraps(add_cli_args)
+    def add_cli_args_with_medusa(parser, *a, **kw):
+        return _add_cli_args(add_cli_args(parser, *a, **kw))
+
+    from_cli_args = EngineArgs.from_cli_args.__func__
+
+    @functools.wraps(from_cli_args)
+    def from_cli_args_with_medusa(cls, args):
+        _fold_cli_args(args)
+        return from_cli_args(cls, args)
+
+    EngineArgs.create_engine_config = create_engine_config
+    EngineArgs.add_cli_args = staticmethod(add_cli_args_with_medusa)
+    EngineArgs.from_cli_args = classmethod(from_cli_args_with_medusa)
