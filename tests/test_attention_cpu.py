@@ -1,0 +1,65 @@
+"""CPU tree attention on the paged cache against the float64 reference, with vLLM's own KV writer."""
+
+import pytest
+import torch
+
+from vllm_medusa.attention import TreeAttentionBatch, paged_tree_attention
+from vllm_medusa.kernels.reference import tree_attention_reference
+from vllm_medusa.kv_cache import CpuKVLayout
+from vllm_medusa.trees import MC_SIM_7B_63, MedusaTree, chain
+
+ops = pytest.importorskip("vllm._custom_ops")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ragged_trees_match_reference(dtype):
+    torch.manual_seed(0)
+    bs, hk, hq, d = 32, 3, 9, 64
+    write = lambda k, v, kc, vc, s: ops.cpu_attn_reshape_and_cache(k, v, kc, vc, s, "vec")  # noqa: E731
+    layout = CpuKVLayout.probe(write, bs, d, dtype)
+    trees = [MedusaTree.from_paths(MC_SIM_7B_63[:20]), MedusaTree.from_paths(MC_SIM_7B_63),
+             MedusaTree.from_paths([(0,), (1,), (0, 0)])]
+    ctx_lens = [0, 31, 70]  # empty context, one ending just before a block boundary, several blocks
+    nb = 16
+    kv = torch.zeros(nb, hk, bs, 2 * d, dtype=dtype)
+    kc, vc = kv.view(nb, hk, 2 * bs, d).chunk(2, dim=2)
+    flash_k = torch.zeros(nb, bs, hk, d, dtype=dtype)
+    flash_v = torch.zeros_like(flash_k)
+    perm = torch.randperm(nb)
+    block_tables, q_rows, k_rows, v_rows, starts, slots_ctx = [], [], [], [], [], []
+    next_block, row = 0, 0
+    for tree, ctx in zip(trees, ctx_lens):
+        total = ctx + tree.num_rows
+        nblk = (total + bs - 1) // bs
+        blocks = perm[next_block:next_block + nblk]
+        next_block += nblk
+        block_tables.append(torch.cat([blocks, torch.zeros(8 - nblk, dtype=torch.long)]))
+        slots = (blocks[:, None] * bs + torch.arange(bs)).reshape(-1)[:total]
+        k = torch.randn(total, hk, d).to(dtype)
+        v = torch.randn(total, hk, d).to(dtype)
+        write(k, v, kc, vc, slots)
+        flash_k.view(-1, hk, d)[slots] = k
+        flash_v.view(-1, hk, d)[slots] = v
+        q_rows.append(torch.randn(tree.num_rows, hq, d).to(dtype))
+        k_rows.append(k[ctx:])
+        v_rows.append(v[ctx:])
+        starts.append(row)
+        slots_ctx.append(slots[:ctx])
+        row += tree.num_rows
+    q, key, value = torch.cat(q_rows), torch.cat(k_rows), torch.cat(v_rows)
+    batch = TreeAttentionBatch.build(starts, [t.ancestor_masks for t in trees], slots_ctx)
+    out = torch.full_like(q, float("nan"))
+    paged_tree_attention(q, key, value, kv, layout, batch, d ** -0.5, out)
+    qsl = torch.tensor(starts + [row], dtype=torch.int32)
+    masks = torch.cat([t.ancestor_mask_tensor() for t in trees])
+    ref = tree_attention_reference(q, flash_k, flash_v, torch.stack(block_tables).int(), qsl,
+                                   torch.tensor(ctx_lens, dtype=torch.int32), masks, d ** -0.5)
+    assert not out.isnan().any()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), ref.double(), atol=tol, rtol=tol)
+
+
+def test_chain_mask_is_causal():
+    tree = MedusaTree.from_paths(chain(4))
+    dense = tree.dense_mask()
+    assert torch.equal(dense, torch.tril(torch.ones(5, 5, dtype=torch.bool)))
