@@ -5,7 +5,7 @@ Two layouts:
   each (block, kv head) holds a K region then a V region, packed in an ISA-specific order (the
   ``vec`` kernels store K transposed). Rather than hard-coding every packing, :class:`CpuKVLayout`
   learns it once by writing probe values through vLLM's own ``cpu_attn_reshape_and_cache`` op.
-- GPU flash layout: ``[2, num_blocks, block_size, num_kv_heads, head_size]``.
+- GPU layouts are plain strided views, handled in ``gpu_runner.py``.
 
 Compaction moves the accepted branch's K/V from the slots where the tree rows were written (linear
 positions ``ctx + row``) to the first slots after the context (``ctx + 1 .. ctx + d``). Sources are
@@ -90,15 +90,6 @@ class CpuKVLayout:
         idx_src = torch.cat([self.k_index[so], self.v_index[so]], dim=1)
         idx_dst = torch.cat([self.k_index[do], self.v_index[do]], dim=1)
         flat[db[:, None], :, idx_dst] = flat[sb[:, None], :, idx_src]
-
-
-def flash_copy_slots(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
-    """Compaction for the GPU flash layout ``[2, num_blocks, block_size, num_kv_heads, head_size]``."""
-    if src.numel() == 0:
-        return
-    bs = kv_cache.shape[2]
-    vals = kv_cache[:, src // bs, src % bs]
-    kv_cache[:, dst // bs, dst % bs] = vals
 
 
 def compaction_moves(slot_mapping: torch.Tensor, row_starts: Sequence[int],

@@ -108,6 +108,10 @@ def translate_engine_args(args: Any) -> None:
     args.speculative_config = {"method": "custom_class", "model": PROPOSER_CLASS,
                                "num_speculative_tokens": tree.num_nodes}
     args.worker_cls = CPU_WORKER_CLASS if cpu else GPU_WORKER_CLASS
+    if not cpu:
+        # Tree masks and positions change every step and are read by Python inside the attention
+        # op, so CUDA graphs are off (see gpu_runner.py).
+        args.enforce_eager = True
     args.additional_config = {**(args.additional_config or {}), ADDITIONAL_CONFIG_KEY: options.to_dict()}
 
 

@@ -34,13 +34,13 @@ class _StepTrees:
     """The trees verified in the current step, indexed by batch row of the request."""
 
     trees: list[MedusaTree | None]
-    attention: TreeAttentionBatch | None
+    attention: Any  # TreeAttentionBatch on CPU, GpuTreeBatch on GPU, None without branching trees
 
 
 class _TreeAttentionState:
     """The current step's tree rows, read by every attention layer; None outside a tree step."""
 
-    batch: TreeAttentionBatch | None = None
+    batch: Any = None
 
 
 TREE_ATTENTION = _TreeAttentionState()
@@ -123,9 +123,9 @@ class MedusaTreeRunnerMixin:
     def _medusa_tree_rows(self, scheduler_output) -> _StepTrees:
         batch = self.input_batch
         trees: list[MedusaTree | None] = [None] * batch.num_reqs
-        starts, masks, ctx_slots = [], [], []
-        block_table = batch.block_table[0]
-        bs = block_table.block_size
+        pos_index: list[int] = []
+        pos_value: list[int] = []
+        branching: list[tuple[int, int, int, MedusaTree]] = []  # (req row, first row, ctx, tree)
         for req_id, drafts in scheduler_output.scheduled_spec_decode_tokens.items():
             n = len(drafts)
             if n == 0:
@@ -138,17 +138,29 @@ class MedusaTreeRunnerMixin:
             trees[i] = tree
             start = int(self.query_start_loc.np[i])
             ctx = int(batch.num_computed_tokens_cpu[i])
-            self.positions[start:start + n + 1] = ctx + torch.tensor(tree.depths, dtype=torch.int64)
+            pos_index.extend(range(start, start + n + 1))
+            pos_value.extend(ctx + d for d in tree.depths)
             if not tree.is_chain:
-                blocks = torch.from_numpy(block_table.block_table.np[i, :(ctx + bs - 1) // bs]
-                                          .astype(np.int64))
-                slots = (blocks[:, None] * bs + torch.arange(bs)).reshape(-1)[:ctx]
-                starts.append(start)
-                masks.append(tree.ancestor_masks)
-                ctx_slots.append(slots)
-        attention = (TreeAttentionBatch.build(starts, masks, ctx_slots, device=self.device)
-                     if starts else None)
+                branching.append((i, start, ctx, tree))
+        if pos_index:
+            index = torch.tensor(pos_index, dtype=torch.int64)
+            self.positions[index.to(self.positions.device)] = torch.tensor(
+                pos_value, dtype=self.positions.dtype).to(self.positions.device)
+        attention = self._medusa_attention_batch(branching) if branching else None
         return _StepTrees(trees, attention)
+
+    def _medusa_attention_batch(self, branching: list[tuple[int, int, int, MedusaTree]]):
+        """The CPU form: context slots read through the block table (see ``attention.py``)."""
+        block_table = self.input_batch.block_table[0]
+        bs = block_table.block_size
+        starts, masks, ctx_slots = [], [], []
+        for i, start, ctx, tree in branching:
+            blocks = torch.from_numpy(block_table.block_table.np[i, :(ctx + bs - 1) // bs]
+                                      .astype(np.int64))
+            ctx_slots.append((blocks[:, None] * bs + torch.arange(bs)).reshape(-1)[:ctx])
+            starts.append(start)
+            masks.append(tree.ancestor_masks)
+        return TreeAttentionBatch.build(starts, masks, ctx_slots, device=self.device)
 
     def execute_model(self, *args, **kwargs):
         try:
