@@ -61,3 +61,12 @@ def demo_llm(demo_model: Path) -> Iterator[Any]:
     )
     yield llm
     shutdown_llm(llm)
+
+
+@pytest.fixture(scope="session")
+def demo_heads() -> Path:
+    from vllm_medusa.demo import demo_heads_path
+
+    path = demo_heads_path()
+    assert (path / "config.json").is_file(), f"no Medusa heads at {path}"
+    return path

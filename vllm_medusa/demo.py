@@ -224,3 +224,11 @@ def tiny_model_path(seed: int = 0) -> Path:
     keep full precision.
     """
     return _build_once(models_dir() / f"tiny-llama-seed{seed}", lambda d: _build_tiny(d, seed))
+
+
+def demo_heads_path() -> Path:
+    """The Medusa heads shipped for the demo model (``vllm-medusa demo-heads``), usable as
+    ``speculative_config={"method": "medusa_tree", "model": ...}`` as they are.
+    ``$VLLM_MEDUSA_DEMO_HEADS`` points elsewhere (e.g. freshly trained heads)."""
+    override = os.environ.get("VLLM_MEDUSA_DEMO_HEADS")
+    return Path(override) if override else Path(__file__).parent / "heads" / "smollm2-135m-instruct"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_medusa.runner import TREE_ATTENTION, MedusaTreeRunnerMixin
+from vllm_medusa.runner import TREE_ATTENTION, MedusaTreeRunnerMixin, MedusaWorkerMixin
 from vllm_medusa.trees import MedusaTree
 
 #: vLLM GPU backends whose impl gets the tree pass (the platform picks one of them for Llama-like
@@ -130,7 +130,7 @@ def _make_gpu_worker_cls():
             head_size = self.model_config.get_head_size()
             copy_slots(*kv_views(kv, head_size), src, dst)
 
-    class MedusaGPUWorker(Worker):
+    class MedusaGPUWorker(MedusaWorkerMixin, Worker):
         """GPU worker building the Medusa runner (``Worker._make_model_runner`` is meant for this)."""
 
         def __init__(self, *args, **kwargs):

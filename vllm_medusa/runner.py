@@ -16,7 +16,7 @@ a plain-torch module:
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,36 @@ class _StepTrees:
 
     trees: list[MedusaTree | None]
     attention: Any  # TreeAttentionBatch on CPU, GpuTreeBatch on GPU, None without branching trees
+
+
+@dataclass
+class MedusaStats:
+    """Counters the benchmark and tests read through ``collective_rpc("medusa_stats")``."""
+
+    tree_steps: int = 0  # (request, step) pairs verified with a tree
+    accepted_tokens: int = 0
+    nodes: int = 0
+    accepted_per_depth: list[int] = field(default_factory=list)
+    non_leftmost: int = 0  # accepted paths that leave the top-1 chain
+
+    def record(self, trees: list[MedusaTree | None], accepted_rows: list[list[int]]) -> None:
+        for tree, rows in zip(trees, accepted_rows):
+            if tree is None:
+                continue
+            self.tree_steps += 1
+            self.nodes += tree.num_nodes
+            self.accepted_tokens += len(rows)
+            while len(self.accepted_per_depth) < len(rows):
+                self.accepted_per_depth.append(0)
+            for d in range(len(rows)):
+                self.accepted_per_depth[d] += 1
+            if any(tree.ranks[r] != 0 for r in rows):
+                self.non_leftmost += 1
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens emitted per tree step: accepted nodes plus the bonus token."""
+        return 1 + self.accepted_tokens / self.tree_steps if self.tree_steps else 1.0
 
 
 class _TreeAttentionState:
@@ -109,6 +139,7 @@ class MedusaTreeRunnerMixin:
         self._medusa_trees: dict[str, MedusaTree] = {}
         self._medusa_step: _StepTrees | None = None
         self._medusa_last_rows: list[int] | None = None
+        self.medusa_stats = MedusaStats()
         opts = self.drafter.options
         self._medusa_typical = (TypicalAcceptance(opts.posterior_threshold, opts.posterior_alpha)
                                 if opts.acceptance == "typical" else None)
@@ -203,6 +234,7 @@ class MedusaTreeRunnerMixin:
         walk = walk_trees(row_starts, children, drafts, sample, logits=logits,
                           temperature=sampling_metadata.temperature, typical=self._medusa_typical)
         self._medusa_compact(walk.accepted_rows)
+        self.medusa_stats.record(step.trees, walk.accepted_rows)
         self._medusa_last_rows = [s + r for s, r in zip(row_starts, walk.last_rows)]
         width = max(num_drafts) + 1
         tokens = pack_outputs(walk.tokens, width, device=logits.device)
@@ -259,6 +291,14 @@ class MedusaTreeRunnerMixin:
         return max(room, 0)
 
 
+class MedusaWorkerMixin:
+    """Worker methods reachable with ``LLM.collective_rpc``."""
+
+    def medusa_stats(self) -> dict:
+        stats = self.model_runner.medusa_stats
+        return {**asdict(stats), "mean_acceptance_length": stats.mean_acceptance_length}
+
+
 def _uses_structured_output(state) -> bool:
     params = state.sampling_params
     return params is not None and getattr(params, "structured_outputs", None) is not None
@@ -303,7 +343,7 @@ def _make_cpu_runner_cls():
 def _make_cpu_worker_cls():
     from vllm.v1.worker import cpu_worker
 
-    class MedusaCPUWorker(cpu_worker.CPUWorker):
+    class MedusaCPUWorker(MedusaWorkerMixin, cpu_worker.CPUWorker):
         """CPU worker that builds the Medusa runner and installs tree-aware CPU attention."""
 
         def __init__(self, *args, **kwargs):
