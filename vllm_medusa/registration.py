@@ -90,14 +90,16 @@ def translate_engine_args(args: Any) -> None:
         return
     from vllm.platforms import current_platform
 
-    from vllm_medusa.proposer import resolve_medusa_tree
+    from vllm_medusa.proposer import checkpoint_num_heads, heads_default_tree, resolve_medusa_tree
 
     raw = dict(spec)
     raw["method"] = METHOD
     raw["model"] = os.path.abspath(os.path.expanduser(str(raw.get("model") or "")))
     options = MedusaOptions.from_dict(raw)
-    # Head count is checked when the workers load the heads; here only the tree's size matters.
-    tree = resolve_medusa_tree(options, num_heads=64)
+    # Here only the tree's size matters: the heads are checked against the model after the config
+    # is built (precheck_heads) and again when the workers load them.
+    needs_count = options.tree is None and heads_default_tree(options.heads) is None
+    tree = resolve_medusa_tree(options, checkpoint_num_heads(options.heads) if needs_count else 64)
     if tree.num_nodes == 0:
         raise MedusaConfigError("the medusa_tree tree has no nodes")
     cpu = current_platform.is_cpu()
@@ -113,6 +115,32 @@ def translate_engine_args(args: Any) -> None:
         # op, so CUDA graphs are off (see gpu_runner.py).
         args.enforce_eager = True
     args.additional_config = {**(args.additional_config or {}), ADDITIONAL_CONFIG_KEY: options.to_dict()}
+
+
+PRECHECK_MAX_BYTES = 512 * 2**20
+
+
+def precheck_heads(vllm_config: Any) -> None:
+    """Load small heads once in the front end, so a bad checkpoint or an impossible tree fails in
+    ``LLM(...)`` / ``vllm serve`` with its own message rather than as a dead engine process.
+    Large heads (own vocab projections of big models) are left to the workers."""
+    raw = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+    if raw is None:
+        return
+    from pathlib import Path
+
+    from vllm_medusa.heads import load_medusa_heads
+    from vllm_medusa.proposer import resolve_medusa_tree
+
+    options = MedusaOptions.from_dict(raw)
+    path = Path(options.heads)
+    files = [f for f in (path.rglob("*") if path.is_dir() else [path]) if f.is_file()]
+    if sum(f.stat().st_size for f in files) > PRECHECK_MAX_BYTES:
+        return
+    model = vllm_config.model_config
+    heads = load_medusa_heads(path, hidden_size=model.get_hidden_size(),
+                              vocab_size=model.get_vocab_size(), dtype=model.dtype, device="cpu")
+    resolve_medusa_tree(options, heads.num_heads)
 
 
 def _add_cli_args(parser):
@@ -151,7 +179,9 @@ def register() -> None:
     @functools.wraps(create)
     def create_engine_config(self, *a, **kw):
         translate_engine_args(self)
-        return create(self, *a, **kw)
+        config = create(self, *a, **kw)
+        precheck_heads(config)
+        return config
 
     add_cli_args = EngineArgs.add_cli_args
 
