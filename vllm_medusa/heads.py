@@ -112,18 +112,19 @@ class MedusaHeads(nn.Module):
             return self.proj_weight
         if lm_head_weight is None:
             raise ValueError("these Medusa heads share the base model's lm_head: pass lm_head_weight")
-        if lm_head_weight.shape[-1] != self.hidden_size or lm_head_weight.shape[0] < self.vocab_size:
-            raise ValueError(f"lm_head_weight must be [{self.vocab_size}, {self.hidden_size}], "
-                             f"got {tuple(lm_head_weight.shape)}")
-        w = lm_head_weight[: self.vocab_size]
-        if self.token_map is not None:
+        if lm_head_weight.dim() != 2 or lm_head_weight.shape[-1] != self.hidden_size:
+            raise ValueError(f"lm_head_weight must be [V, {self.hidden_size}], got {tuple(lm_head_weight.shape)}")
+        w = lm_head_weight
+        if self.token_map is not None and w.shape[0] > self.token_map.numel():
             w = w[self.token_map]
         return w.unsqueeze(0)
 
     def forward(self, hidden: Tensor, lm_head_weight: Tensor | None = None) -> Tensor:
         """Logits ``[K, B, V']`` of every head for hidden states ``[B, H]``.
 
-        V' is the reduced vocabulary when a ``token_map`` is set (see ``topk_token_ids``).
+        V' is the reduced vocabulary when a ``token_map`` is set (see ``topk_token_ids``). A shared
+        ``lm_head_weight`` is used as given (any number of rows: vLLM pads its vocab, training
+        may pass a sub-vocabulary), except that a full-size one is narrowed by the token_map.
         """
         x = self.residual(hidden)
         w = self._projection(lm_head_weight).to(x.dtype)

@@ -1,0 +1,167 @@
+"""Training pipeline on the tiny random Llama with synthetic answers (no engine except one marked test)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from vllm_medusa.demo import tiny_model_path
+from vllm_medusa.heads import convert_to_vllm_medusa, load_medusa_heads, save_medusa_heads
+from vllm_medusa.train.features import IGNORE, extract_features, load_backbone, load_features
+from vllm_medusa.train.metrics import MISS, cumulative, rank_accuracies, simulated_acceptance
+from vllm_medusa.train.trainer import TrainConfig, medusa_loss, train_heads
+
+NUM_HEADS = 3
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model_path()
+
+
+def synthetic_records(n: int = 12, seed: int = 0) -> list[dict]:
+    """Prompts of random tokens, answers that cycle through a short per-record pattern: the future
+    is predictable from the present, so heads can learn it in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    recs = []
+    for i in range(n):
+        prompt = torch.randint(100, 40000, (int(torch.randint(4, 12, (1,), generator=g)),), generator=g).tolist()
+        pattern = torch.randint(100, 400, (3,), generator=g).tolist()
+        length = int(torch.randint(20, 40, (1,), generator=g))
+        recs.append({"id": f"syn-{i}", "prompt_token_ids": prompt,
+                     "output_token_ids": [pattern[j % 3] for j in range(length)], "finish_reason": "length"})
+    return recs
+
+
+@pytest.fixture(scope="module")
+def features_dir(tiny, tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    data = d / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_records()))
+    return extract_features(tiny, data, d / "features", dtype=torch.float32, shard_size=5)
+
+
+def test_features_align_with_a_direct_forward(tiny, features_dir):
+    feats = load_features(features_dir)
+    recs = synthetic_records()
+    assert feats.ids == [r["id"] for r in recs]
+    assert feats.lengths.tolist() == [len(r["output_token_ids"]) for r in recs]
+    decoder, model = load_backbone(tiny, torch.float32)
+    rec = recs[7]
+    ids = torch.tensor([rec["prompt_token_ids"] + rec["output_token_ids"]])
+    with torch.inference_mode():
+        full = decoder(input_ids=ids).last_hidden_state[0]
+        logits = model(input_ids=ids).logits[0]
+    p, m = len(rec["prompt_token_ids"]), len(rec["output_token_ids"])
+    start = int(feats.record_starts[7])
+    torch.testing.assert_close(feats.hidden[start:start + m], full[p - 1:p - 1 + m], atol=1e-4, rtol=1e-4)
+    # Row j feeds the base lm_head for answer token j: the cached lm_head must reproduce the logits.
+    torch.testing.assert_close(feats.hidden[start:start + m] @ feats.lm_head.T, logits[p - 1:p - 1 + m],
+                               atol=1e-3, rtol=1e-3)
+    targets = feats.targets(NUM_HEADS)[start:start + m]
+    out = rec["output_token_ids"]
+    for k in range(NUM_HEADS):
+        assert targets[: m - 1 - k, k].tolist() == out[1 + k:]
+        assert (targets[m - 1 - k:, k] == IGNORE).all()
+
+
+@pytest.mark.parametrize("softmax_vocab", ["full", "data"])
+def test_training_lowers_the_loss(features_dir, softmax_vocab):
+    cfg = TrainConfig(num_heads=NUM_HEADS, num_layers=1, lr=3e-3, epochs=100, batch_size=64,
+                      heldout_fraction=0.2, compute_dtype="float32", softmax_vocab=softmax_vocab)
+    result = train_heads(features_dir, cfg, max_steps=40, progress=False)
+    h = result.loss_history
+    assert len(h) == 40 and all(map(torch.isfinite, torch.tensor(h)))
+    assert sum(h[-5:]) / 5 < 0.8 * sum(h[:5]) / 5
+    assert result.heldout_positions > 0 and len(result.heldout_accuracies) == NUM_HEADS
+
+
+def test_heads_start_as_identity(features_dir):
+    """Zero-initialised blocks: before training every head reproduces the base model's logits."""
+    from vllm_medusa.heads import MedusaHeads
+
+    feats = load_features(features_dir)
+    heads = MedusaHeads(2, 1, feats.hidden.shape[1], feats.lm_head.shape[0], dtype=torch.float32)
+    heads.zero_blocks()
+    x = feats.hidden[:5]
+    base = x @ feats.lm_head.T
+    torch.testing.assert_close(heads(x, feats.lm_head), torch.stack([base, base]))
+
+
+def test_saved_heads_reload_with_same_logits_and_convert(features_dir, tmp_path):
+    cfg = TrainConfig(num_heads=NUM_HEADS, lr=3e-3, batch_size=64, compute_dtype="float32")
+    heads = train_heads(features_dir, cfg, max_steps=5, progress=False).heads
+    feats = load_features(features_dir)
+    vocab, hidden = feats.lm_head.shape
+    x = feats.hidden[:8]
+    with torch.no_grad():
+        want = heads(x, feats.lm_head)
+    save_medusa_heads(heads, tmp_path / "fp32", "tiny", dtype=torch.float32)
+    again = load_medusa_heads(tmp_path / "fp32", hidden_size=hidden, vocab_size=vocab, dtype=torch.float32)
+    torch.testing.assert_close(again(x, feats.lm_head), want)
+    save_medusa_heads(heads, tmp_path / "bf16", "tiny")
+    bf16 = load_medusa_heads(tmp_path / "bf16", hidden_size=hidden, vocab_size=vocab, dtype=torch.float32)
+    torch.testing.assert_close(bf16(x, feats.lm_head), want, atol=0.1, rtol=0.05)
+
+    out = convert_to_vllm_medusa(tmp_path / "fp32", tmp_path / "vllm", feats.lm_head, dtype=torch.float32)
+    cfg_json = json.loads((out / "config.json").read_text())
+    assert cfg_json["model_type"] == "medusa" and cfg_json["num_heads"] == NUM_HEADS
+    assert cfg_json["medusa_fc_bias"] is True and cfg_json["vocab_size"] == vocab
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("lm_heads.2.weight").shape == (vocab, hidden)
+    assert {f"lm_heads.{h}.weight" for h in range(NUM_HEADS)} <= keys
+    assert {f"blocks.{h}.layers.0.bias" for h in range(NUM_HEADS)} <= keys
+    converted = load_medusa_heads(out, hidden_size=hidden, vocab_size=vocab, dtype=torch.float32)
+    torch.testing.assert_close(converted(x), want)
+
+
+def test_loss_weights_and_accuracy():
+    logits = torch.zeros(2, 3, 5)
+    logits[0, :, 1] = 10.0
+    logits[1, :, 2] = 10.0
+    targets = torch.tensor([[1, 2], [1, 3], [4, IGNORE]])
+    loss, accs = medusa_loss(logits, targets, head_decay=0.5)
+    assert accs == pytest.approx([2 / 3, 1 / 2])
+    ce = torch.nn.functional.cross_entropy
+    want = ce(logits[0], targets[:, 0]) + 0.5 * ce(logits[1, :2], targets[:2, 1])
+    assert float(loss) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_rank_metrics_and_simulated_acceptance():
+    ranks = torch.tensor([[0, 0, 1], [1, MISS, 0], [0, 2, IGNORE], [MISS, 0, 0]])
+    acc = rank_accuracies(ranks, topk=3)
+    assert acc[0] == pytest.approx([2 / 4, 1 / 4, 0])
+    assert acc[2] == pytest.approx([2 / 3, 1 / 3, 0])
+    assert cumulative(acc)[0] == pytest.approx([0.5, 0.75, 0.75])
+    tree = [(0,), (1,), (0, 0), (0, 0, 0), (0, 2)]
+    # row 0: (0,) (0,0) accepted, (0,0,1) not in tree -> 3; row 1: (1,) -> 2; row 2: (0,2) -> 3; row 3: 1
+    assert simulated_acceptance(ranks, tree) == pytest.approx((3 + 2 + 3 + 1) / 4)
+
+
+@pytest.mark.engine
+def test_converted_heads_run_in_upstream_chain_medusa(tiny, features_dir, tmp_path):
+    """Upstream vLLM 0.32 chain Medusa loads the converted checkpoint; greedy output is unchanged."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cfg = TrainConfig(num_heads=NUM_HEADS, lr=3e-3, batch_size=64, compute_dtype="float32")
+    heads = train_heads(features_dir, cfg, max_steps=20, progress=False).heads
+    save_medusa_heads(heads, tmp_path / "heads", str(tiny))
+    feats = load_features(features_dir)
+    out = convert_to_vllm_medusa(tmp_path / "heads", tmp_path / "vllm", feats.lm_head, dtype=torch.float32)
+
+    from vllm import LLM, SamplingParams
+
+    prompt = synthetic_records(1, seed=5)[0]["prompt_token_ids"]
+    llm = LLM(model=str(tiny), dtype="float32", max_model_len=256, enforce_eager=True, seed=0,
+              speculative_config={"method": "medusa", "model": str(out), "num_speculative_tokens": NUM_HEADS})
+    got = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0, max_tokens=24),
+                       use_tqdm=False)[0].outputs[0].token_ids
+    _, model = load_backbone(tiny, torch.float32)
+    ref = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt):]
+    assert list(got) == ref.tolist()[: len(got)] and len(got) == 24

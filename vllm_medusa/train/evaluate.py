@@ -1,0 +1,105 @@
+"""Held-out head accuracy on MT-Bench and the tree it implies.
+
+The base model answers the MT-Bench questions greedily (the setting the speed-ups are reported in),
+the backbone's hidden states are cached as for training, and each head's top-10 ranks of the true
+next tokens give ``accuracies[k][i]``. From those, ``trees.optimal_tree`` builds the default tree,
+written next to the heads as ``tree.json`` with ``accuracies.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..heads import load_medusa_heads
+from ..trees import expected_acceptance_length, optimal_tree
+from .distill import build_llm, generate_answers, mtbench_prompts, read_records
+from .features import IGNORE, extract_features, load_features
+from .metrics import cumulative, head_ranks, rank_accuracies, simulated_acceptance
+
+DEFAULT_TREE_BUDGET = 16
+REPORT_BUDGETS = (4, 8, 16, 32, 64)
+TOPK = 10
+
+
+def generate_mtbench_answers(model: str | os.PathLike, out_file: str | os.PathLike, *,
+                             max_tokens: int = 256, turns: Sequence[int] = (0, 1),
+                             kv_cache_gb: int = 4, max_num_seqs: int = 64) -> Path:
+    """Greedy answers of the base model to MT-Bench questions (both turns as single prompts)."""
+    from transformers import AutoTokenizer
+
+    prompts = mtbench_prompts(AutoTokenizer.from_pretrained(str(model)), turns)
+    done = {r["id"] for r in read_records(out_file)}
+    if all(p.id in done for p in prompts):
+        return Path(out_file)
+    max_prompt = max(len(p.token_ids) for p in prompts)
+    llm = build_llm(model, max_model_len=max_prompt + max_tokens, max_num_seqs=max_num_seqs,
+                    kv_cache_gb=kv_cache_gb)
+    return generate_answers(llm, prompts, out_file, max_tokens=max_tokens, temperature=0.0,
+                            desc="mt-bench answers")
+
+
+def evaluate_heads(model: str | os.PathLike, heads_dir: str | os.PathLike, features_dir: str | os.PathLike,
+                   *, tree_budget: int = DEFAULT_TREE_BUDGET, budgets: Sequence[int] = REPORT_BUDGETS,
+                   write: bool = True) -> dict[str, Any]:
+    """Accuracies, default tree and predicted acceptance of the heads on cached held-out features."""
+    feats = load_features(features_dir)
+    vocab, hidden = feats.lm_head.shape
+    heads = load_medusa_heads(heads_dir, hidden_size=hidden, vocab_size=vocab, dtype=torch.bfloat16)
+    targets = feats.targets(heads.num_heads)
+    rows = (targets[:, 0] != IGNORE).nonzero().squeeze(1)
+    ranks = head_ranks(heads, feats.hidden[rows], targets[rows],
+                       feats.lm_head if heads.shared_lm_head else None, topk=TOPK)
+    acc = rank_accuracies(ranks, TOPK)
+    tree = optimal_tree(acc, tree_budget)
+    per_budget = {}
+    for b in budgets:
+        t = optimal_tree(acc, b)
+        per_budget[b] = {"nodes": len(t), "predicted": expected_acceptance_length(t, acc),
+                         "simulated": simulated_acceptance(ranks, t)}
+    chain = [tuple([0] * d) for d in range(1, heads.num_heads + 1)]
+    result = {
+        "model": str(model), "heads": str(heads_dir), "positions": int(len(rows)),
+        "answers": int(len(feats.lengths)), "accuracies": acc, "topk": cumulative(acc),
+        "tree_budget": tree_budget, "tree": [list(p) for p in tree],
+        "tree_predicted": expected_acceptance_length(tree, acc),
+        "tree_simulated": simulated_acceptance(ranks, tree),
+        "chain_predicted": expected_acceptance_length(chain, acc),
+        "chain_simulated": simulated_acceptance(ranks, chain),
+        "budgets": per_budget,
+    }
+    if write:
+        out = Path(heads_dir)
+        (out / "tree.json").write_text(json.dumps(result["tree"]) + "\n")
+        (out / "accuracies.json").write_text(json.dumps([[round(a, 6) for a in row] for row in acc]) + "\n")
+    return result
+
+
+def format_result(result: dict[str, Any], show_topk: int = 5) -> str:
+    """Human-readable accuracy and acceptance tables."""
+    lines = [f"held-out positions: {result['positions']} ({result['answers']} answers)",
+             "head  " + "  ".join(f"top{i + 1:<2}" for i in range(show_topk))]
+    for k, row in enumerate(result["topk"]):
+        lines.append(f"{k:>4}  " + "  ".join(f"{a:.3f}" for a in row[:show_topk]))
+    lines.append("budget  nodes  predicted  simulated   (mean accepted tokens per step, incl. the base token)")
+    for b, r in result["budgets"].items():
+        lines.append(f"{b:>6}  {r['nodes']:>5}  {r['predicted']:>9.3f}  {r['simulated']:>9.3f}")
+    lines.append(f"chain of {len(result['topk'])} (upstream vLLM Medusa): predicted "
+                 f"{result['chain_predicted']:.3f}, simulated {result['chain_simulated']:.3f}")
+    lines.append(f"default tree ({len(result['tree'])} nodes): predicted {result['tree_predicted']:.3f}, "
+                 f"simulated {result['tree_simulated']:.3f}")
+    return "\n".join(lines)
+
+
+def evaluate(model: str | os.PathLike, heads_dir: str | os.PathLike, work_dir: str | os.PathLike, *,
+             max_tokens: int = 256, tree_budget: int = DEFAULT_TREE_BUDGET, kv_cache_gb: int = 4) -> dict[str, Any]:
+    """MT-Bench answers -> features -> accuracies, tree.json, accuracies.json (all cached in work_dir)."""
+    work = Path(work_dir)
+    data = generate_mtbench_answers(model, work / "mtbench-answers.jsonl", max_tokens=max_tokens,
+                                    kv_cache_gb=kv_cache_gb)
+    feats = extract_features(model, data, work / "mtbench-features", desc="mt-bench features")
+    return evaluate_heads(model, heads_dir, feats, tree_budget=tree_budget)

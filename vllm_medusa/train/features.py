@@ -1,0 +1,175 @@
+"""Cache the frozen backbone's last hidden states so training epochs never rerun the backbone.
+
+Medusa-1 keeps the base model frozen, so its hidden states are fixed inputs: computing them once
+turns every epoch into a few small matmuls. Only answer positions are stored: the hidden state at
+position t (prompt length - 1 <= t <= last answer position - 1) is what the heads see when the
+token at t+1 has just been produced, and head k must then guess the token at t+2+k.
+
+A features directory holds ``meta.json``, ``lm_head.pt`` (the base model's output projection, for
+shared-lm_head training) and ``shard-NNNNN.pt`` files, each a dict with ``ids`` (record ids),
+``lengths`` (answer lengths), ``hidden`` ``[sum(lengths), H]`` and ``tokens`` (answer token ids).
+Row ``j`` of a record's block is the hidden state that predicts answer token ``j`` with the base
+``lm_head``; head k predicts answer token ``j + 1 + k``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm import tqdm
+
+from .distill import read_records
+
+IGNORE = -100
+
+
+def load_backbone(model_path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> tuple[Any, Any]:
+    """(decoder without lm_head, full causal-LM model) from a local HF checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype)
+    model.eval()
+    return model.get_decoder(), model
+
+
+def _batches(records: Sequence[dict[str, Any]], max_batch_tokens: int) -> list[list[int]]:
+    """Indices grouped into padded batches of at most ``max_batch_tokens`` (longest first)."""
+    order = sorted(range(len(records)), key=lambda i: -_seq_len(records[i]))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        longest = _seq_len(records[cur[0]]) if cur else _seq_len(records[i])
+        if cur and longest * (len(cur) + 1) > max_batch_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def _seq_len(rec: dict[str, Any]) -> int:
+    return len(rec["prompt_token_ids"]) + len(rec["output_token_ids"])
+
+
+@torch.inference_mode()
+def hidden_states_for(decoder: Any, records: Sequence[dict[str, Any]],
+                      max_batch_tokens: int = 8192) -> list[torch.Tensor]:
+    """Per record, the last hidden states ``[len(answer), H]`` at positions P-1 .. P+m-2."""
+    out: list[torch.Tensor | None] = [None] * len(records)
+    device = next(decoder.parameters()).device
+    for batch in _batches(records, max_batch_tokens):
+        seqs = [records[i]["prompt_token_ids"] + records[i]["output_token_ids"] for i in batch]
+        width = max(len(s) for s in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for r, s in enumerate(seqs):
+            ids[r, :len(s)] = torch.tensor(s)
+            mask[r, :len(s)] = 1
+        hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        for r, i in enumerate(batch):
+            p = len(records[i]["prompt_token_ids"])
+            m = len(records[i]["output_token_ids"])
+            out[i] = hidden[r, p - 1:p - 1 + m].to("cpu").clone()
+    return out  # type: ignore[return-value]
+
+
+def extract_features(model_path: str | os.PathLike, data_file: str | os.PathLike,
+                     out_dir: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,
+                     shard_size: int = 128, max_batch_tokens: int = 8192, limit: int | None = None,
+                     desc: str = "features") -> Path:
+    """Run the backbone over every (prompt, answer) record and cache the answer hidden states.
+
+    Resumable: shards already on disk for the same data file and model are kept.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = [r for r in read_records(data_file) if r["output_token_ids"]][:limit]
+    meta_file = out / "meta.json"
+    meta = {"model": str(model_path), "data_file": str(data_file), "num_records": len(records),
+            "shard_size": shard_size, "dtype": str(dtype).removeprefix("torch.")}
+    if meta_file.is_file():
+        old = json.loads(meta_file.read_text())
+        if {k: old.get(k) for k in meta} != meta:
+            for f in out.glob("shard-*.pt"):
+                f.unlink()
+    n_shards = (len(records) + shard_size - 1) // shard_size
+    decoder, model = load_backbone(model_path, dtype)
+    lm_head = model.get_output_embeddings().weight.detach()
+    meta.update(hidden_size=int(lm_head.shape[1]), vocab_size=int(lm_head.shape[0]), num_shards=n_shards)
+    torch.save(lm_head.clone(), out / "lm_head.pt")
+    total = sum(_seq_len(r) for r in records)
+    bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True)
+    for s in range(n_shards):
+        chunk = records[s * shard_size:(s + 1) * shard_size]
+        shard_file = out / f"shard-{s:05d}.pt"
+        if not shard_file.is_file():
+            hidden = hidden_states_for(decoder, chunk, max_batch_tokens)
+            shard = {"ids": [r["id"] for r in chunk],
+                     "lengths": torch.tensor([len(r["output_token_ids"]) for r in chunk]),
+                     "hidden": torch.cat(hidden).to(dtype),
+                     "tokens": torch.tensor([t for r in chunk for t in r["output_token_ids"]], dtype=torch.int32)}
+            tmp = shard_file.with_suffix(".tmp")
+            torch.save(shard, tmp)
+            os.replace(tmp, shard_file)
+        bar.update(sum(_seq_len(r) for r in chunk))
+    bar.close()
+    meta_file.write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+@dataclass
+class Features:
+    """All cached positions of a features directory, concatenated."""
+
+    hidden: torch.Tensor     # [N, H]
+    tokens: torch.Tensor     # [N] answer token at each position (base lm_head target)
+    lengths: torch.Tensor    # [R] answer length of each record
+    ids: list[str]
+    lm_head: torch.Tensor    # [V, H]
+    meta: dict[str, Any]
+
+    @property
+    def record_starts(self) -> torch.Tensor:
+        return torch.cumsum(self.lengths, 0) - self.lengths
+
+    def targets(self, num_heads: int) -> torch.Tensor:
+        """``[N, K]``: head k at row j of a record predicts answer token j+1+k (IGNORE past the end)."""
+        n = self.tokens.numel()
+        rec = torch.repeat_interleave(torch.arange(len(self.lengths)), self.lengths)
+        end = (self.record_starts + self.lengths)[rec]
+        out = torch.full((n, num_heads), IGNORE, dtype=torch.long)
+        for k in range(num_heads):
+            src = torch.arange(n) + 1 + k
+            ok = src < end
+            out[ok, k] = self.tokens[src[ok]].long()
+        return out
+
+    def record_rows(self, record_indices: torch.Tensor) -> torch.Tensor:
+        """Row indices of the given records."""
+        starts, lengths = self.record_starts[record_indices], self.lengths[record_indices]
+        if len(lengths) == 0:
+            return torch.zeros(0, dtype=torch.long)
+        rec = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+        offsets = torch.arange(int(lengths.sum())) - (torch.cumsum(lengths, 0) - lengths)[rec]
+        return starts[rec] + offsets
+
+
+def load_features(features_dir: str | os.PathLike) -> Features:
+    """Concatenate every shard of a features directory."""
+    d = Path(features_dir)
+    meta = json.loads((d / "meta.json").read_text())
+    shards = [torch.load(d / f"shard-{s:05d}.pt", weights_only=True) for s in range(meta["num_shards"])]
+    if not shards:
+        raise ValueError(f"{d}: no feature shards")
+    return Features(hidden=torch.cat([s["hidden"] for s in shards]),
+                    tokens=torch.cat([s["tokens"] for s in shards]),
+                    lengths=torch.cat([s["lengths"] for s in shards]),
+                    ids=[i for s in shards for i in s["ids"]],
+                    lm_head=torch.load(d / "lm_head.pt", weights_only=True),
+                    meta=meta)

@@ -1,0 +1,89 @@
+"""Head accuracy as the tree builder needs it: the rank of the true token in each head's top-k.
+
+``accuracies[k][i]`` is the share of positions where head k's (i+1)-th guess is the right token
+(per rank, not cumulative), the input of ``trees.optimal_tree``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import torch
+
+from ..heads import MedusaHeads
+from .features import IGNORE
+
+MISS = -1
+
+
+def autocast(dtype: torch.dtype):
+    """bf16/fp16 autocast on CPU; a no-op for float32 (CPU autocast rejects it)."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast("cpu", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def head_ranks(heads: MedusaHeads, hidden: torch.Tensor, targets: torch.Tensor,
+               lm_head: torch.Tensor | None, *, topk: int = 10, batch_size: int = 512,
+               compute_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``[N, K]`` rank (0-based) of the target among each head's top-``topk`` guesses.
+
+    ``MISS`` (-1) when the target is not in the top-k, ``IGNORE`` where there is no target.
+    """
+    n, k_heads = targets.shape
+    out = torch.full((n, k_heads), IGNORE, dtype=torch.long)
+    w = None if lm_head is None else lm_head.to(compute_dtype)
+    for start in range(0, n, batch_size):
+        sl = slice(start, start + batch_size)
+        with autocast(compute_dtype):
+            logits = heads(hidden[sl], w)
+        top = heads.map_tokens(logits.topk(topk, dim=-1).indices)  # [K, B, topk]
+        tgt = targets[sl].t().unsqueeze(-1)  # [K, B, 1]
+        hit = top == tgt
+        rank = torch.where(hit.any(-1), hit.float().argmax(-1), torch.full_like(tgt[..., 0], MISS))
+        rank = torch.where(tgt[..., 0] == IGNORE, torch.full_like(rank, IGNORE), rank)
+        out[sl] = rank.t()
+    return out
+
+
+def rank_accuracies(ranks: torch.Tensor, topk: int = 10) -> list[list[float]]:
+    """Per head, per rank share of positions (with a target) whose true token sits at that rank."""
+    out = []
+    for k in range(ranks.shape[1]):
+        r = ranks[:, k]
+        r = r[r != IGNORE]
+        n = max(int(r.numel()), 1)
+        out.append([float((r == i).sum()) / n for i in range(topk)])
+    return out
+
+
+def cumulative(accuracies: Sequence[Sequence[float]]) -> list[list[float]]:
+    """Top-1..top-k accuracy (cumulative) from per-rank accuracies."""
+    out = []
+    for row in accuracies:
+        acc, run = [], 0.0
+        for a in row:
+            run += a
+            acc.append(run)
+        out.append(acc)
+    return out
+
+
+def simulated_acceptance(ranks: torch.Tensor, tree: Sequence[Sequence[int]]) -> float:
+    """Mean accepted length (accepted nodes + the base model's own token) of ``tree`` on real data.
+
+    At each position the tree accepts the deepest node whose every step holds the true token, which
+    measures the tree without the independence assumption of ``expected_acceptance_length``. Rows
+    where a needed head has no target (end of an answer) count only their valid depth.
+    """
+    nodes = {tuple(p) for p in tree}
+    depth_max = max((len(p) for p in tree), default=0)
+    total = 0
+    for row in ranks.tolist():
+        d = 0
+        while d < depth_max and row[d] >= 0 and tuple(row[:d + 1]) in nodes:
+            d += 1
+        total += 1 + d
+    return total / max(ranks.shape[0], 1)

@@ -1,0 +1,204 @@
+"""Medusa-1 training on cached backbone features.
+
+Head k learns the token at t+2+k from the hidden state at t; the loss is ``sum_k 0.8**k * CE_k``
+(later heads are less predictable and would otherwise dominate the gradient). By default the heads
+share the frozen base ``lm_head``, so only the residual blocks (a few MB) are trained; the blocks
+start as the identity, as in the original Medusa, so every head starts out as the base model's
+next-token guess rather than as noise.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..heads import MedusaHeads, save_medusa_heads
+from .features import IGNORE, Features, load_features
+from .metrics import autocast, cumulative, head_ranks, rank_accuracies
+
+
+@dataclass
+class TrainConfig:
+    num_heads: int = 5
+    num_layers: int = 1
+    lr: float = 1e-3
+    epochs: float = 1.0
+    batch_size: int = 256
+    weight_decay: float = 0.0
+    head_decay: float = 0.8
+    warmup_fraction: float = 0.05
+    heldout_fraction: float = 0.05
+    shared_lm_head: bool = True
+    # "full": softmax over the whole vocabulary. "data": only over the tokens that occur in the
+    # training answers (every target is among them): several times cheaper on a CPU, at the price
+    # of never pushing down tokens the model does not use; held-out metrics stay full-vocabulary.
+    softmax_vocab: str = "full"
+    seed: int = 0
+    compute_dtype: str = "bfloat16"
+
+
+@dataclass
+class TrainResult:
+    heads: MedusaHeads
+    config: TrainConfig
+    steps: int
+    train_positions: int
+    heldout_positions: int
+    final_train_loss: float
+    heldout_loss: float
+    heldout_accuracies: list[list[float]]  # per head, per rank
+    loss_history: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {"config": asdict(self.config), "steps": self.steps,
+                "train_positions": self.train_positions, "heldout_positions": self.heldout_positions,
+                "final_train_loss": self.final_train_loss, "heldout_loss": self.heldout_loss,
+                "heldout_topk": cumulative(self.heldout_accuracies), "seconds": self.seconds}
+
+
+def medusa_loss(logits: torch.Tensor, targets: torch.Tensor, head_decay: float = 0.8) -> tuple[torch.Tensor, list[float]]:
+    """``sum_k head_decay**k * CE(logits[k], targets[:, k])`` and per-head top-1 accuracy.
+
+    One cross-entropy over all heads at once: per-head slicing of ``[K, B, V]`` logits would make
+    autograd zero-fill a full-size gradient per head, which costs more than the matmuls on a CPU.
+    """
+    k_heads, batch, vocab = logits.shape
+    tgt = targets.t()
+    valid = tgt != IGNORE
+    ce = F.cross_entropy(logits.reshape(-1, vocab).float(), tgt.reshape(-1), ignore_index=IGNORE,
+                         reduction="none").view(k_heads, batch)
+    counts = valid.sum(1)
+    weights = torch.tensor([head_decay ** k for k in range(k_heads)], dtype=ce.dtype)
+    loss = (ce.sum(1) / counts.clamp(min=1) * weights).sum()
+    with torch.no_grad():
+        hits = (logits.argmax(-1) == tgt) & valid
+        accs = [float(h.sum() / c) if c else float("nan") for h, c in zip(hits, counts)]
+    return loss, accs
+
+
+def split_records(num_records: int, heldout_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out split by whole answers, so no held-out position shares an answer with training."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(num_records, generator=g)
+    n_held = min(num_records - 1, max(1, round(num_records * heldout_fraction))) if heldout_fraction > 0 else 0
+    return perm[n_held:].sort().values, perm[:n_held].sort().values
+
+
+def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_heads(features: Features | str | os.PathLike, config: TrainConfig | None = None, *,
+                max_steps: int | None = None, progress: bool = True) -> TrainResult:
+    """Train Medusa heads on cached features; returns the heads and held-out metrics."""
+    cfg = config or TrainConfig()
+    feats = features if isinstance(features, Features) else load_features(features)
+    cdtype = getattr(torch, cfg.compute_dtype)
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+
+    targets = feats.targets(cfg.num_heads)
+    train_rec, held_rec = split_records(len(feats.lengths), cfg.heldout_fraction, cfg.seed)
+    train_rows = feats.record_rows(train_rec)
+    train_rows = train_rows[targets[train_rows, 0] != IGNORE]
+    held_rows = feats.record_rows(held_rec)
+    held_rows = held_rows[targets[held_rows, 0] != IGNORE]
+
+    vocab, hidden_size = feats.lm_head.shape
+    heads = MedusaHeads(cfg.num_heads, cfg.num_layers, hidden_size, vocab,
+                        shared_lm_head=cfg.shared_lm_head, dtype=torch.float32)
+    heads.zero_blocks()
+    lm_head = feats.lm_head.to(cdtype)
+    if not cfg.shared_lm_head:
+        with torch.no_grad():
+            heads.proj_weight.copy_(feats.lm_head.float().expand_as(heads.proj_weight))
+    train_targets, train_proj = targets, lm_head
+    if cfg.softmax_vocab == "data":
+        if not cfg.shared_lm_head:
+            raise ValueError("softmax_vocab='data' needs the shared lm_head")
+        vocab_ids = feats.tokens[feats.record_rows(train_rec)].long().unique()
+        remap = torch.full((vocab + 1,), IGNORE, dtype=torch.long)
+        remap[vocab_ids] = torch.arange(len(vocab_ids))
+        train_targets = remap[targets.clamp(min=-1)]  # IGNORE -> index -1 -> the IGNORE sentinel
+        train_proj = lm_head[vocab_ids]
+    elif cfg.softmax_vocab != "full":
+        raise ValueError(f"softmax_vocab must be 'full' or 'data', got {cfg.softmax_vocab!r}")
+    params = [p for p in heads.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    steps_per_epoch = max(1, len(train_rows) // cfg.batch_size)
+    total = max(1, round(steps_per_epoch * cfg.epochs))
+    if max_steps is not None:
+        total = min(total, max_steps)
+    warmup = max(1, round(total * cfg.warmup_fraction))
+    g = torch.Generator().manual_seed(cfg.seed)
+
+    history: list[float] = []
+    ema_loss, ema_acc = None, [0.0] * cfg.num_heads
+    bar = tqdm(total=total, desc="train", unit="step", disable=not progress)
+    perm = torch.zeros(0, dtype=torch.long)
+    cursor = 0
+    heads.train()
+    for step in range(total):
+        if cursor + cfg.batch_size > len(perm):
+            perm, cursor = train_rows[torch.randperm(len(train_rows), generator=g)], 0
+        rows = perm[cursor:cursor + cfg.batch_size]
+        cursor += cfg.batch_size
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, total, warmup, cfg.lr)
+        with autocast(cdtype):
+            logits = heads(feats.hidden[rows], train_proj if cfg.shared_lm_head else None)
+        loss, accs = medusa_loss(logits, train_targets[rows], cfg.head_decay)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        value = float(loss.detach())
+        history.append(value)
+        ema_loss = value if ema_loss is None else 0.95 * ema_loss + 0.05 * value
+        ema_acc = [a if step == 0 else 0.95 * e + 0.05 * a for e, a in zip(ema_acc, accs)]
+        bar.update(1)
+        bar.set_postfix(loss=f"{ema_loss:.3f}", top1="/".join(f"{a:.2f}" for a in ema_acc))
+    bar.close()
+    heads.eval()
+
+    held_loss, held_acc = float("nan"), [[0.0] * 10 for _ in range(cfg.num_heads)]
+    if len(held_rows):
+        with torch.inference_mode():
+            losses = []
+            for s in range(0, len(held_rows), 1024):
+                rows = held_rows[s:s + 1024]
+                with autocast(cdtype):
+                    logits = heads(feats.hidden[rows], lm_head if cfg.shared_lm_head else None)
+                losses.append(float(medusa_loss(logits, targets[rows], cfg.head_decay)[0]) * len(rows))
+            held_loss = sum(losses) / len(held_rows)
+        ranks = head_ranks(heads, feats.hidden[held_rows], targets[held_rows],
+                           lm_head if cfg.shared_lm_head else None, compute_dtype=cdtype)
+        held_acc = rank_accuracies(ranks)
+    tail = history[-max(1, min(50, len(history))):]
+    return TrainResult(heads=heads, config=cfg, steps=total, train_positions=len(train_rows),
+                       heldout_positions=len(held_rows), final_train_loss=sum(tail) / len(tail),
+                       heldout_loss=held_loss, heldout_accuracies=held_acc, loss_history=history,
+                       seconds=time.time() - t0)
+
+
+def train_and_save(features_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                   config: TrainConfig | None = None, *, base_model_name_or_path: str | None = None,
+                   max_steps: int | None = None) -> TrainResult:
+    """Train, then write the heads in the FasterDecoding layout (bf16) to ``out_dir``."""
+    feats = load_features(features_dir)
+    result = train_heads(feats, config, max_steps=max_steps)
+    save_medusa_heads(result.heads, Path(out_dir), base_model_name_or_path or feats.meta["model"],
+                      dtype=torch.bfloat16)
+    return result
