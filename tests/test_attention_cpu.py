@@ -26,7 +26,7 @@ def test_ragged_trees_match_reference(dtype):
     flash_k = torch.zeros(nb, bs, hk, d, dtype=dtype)
     flash_v = torch.zeros_like(flash_k)
     perm = torch.randperm(nb)
-    block_tables, q_rows, k_rows, v_rows, starts, slots_ctx = [], [], [], [], [], []
+    block_tables, q_rows, k_rows, v_rows, starts, ctx_blocks = [], [], [], [], [], []
     next_block, row = 0, 0
     for tree, ctx in zip(trees, ctx_lens):
         total = ctx + tree.num_rows
@@ -44,10 +44,10 @@ def test_ragged_trees_match_reference(dtype):
         k_rows.append(k[ctx:])
         v_rows.append(v[ctx:])
         starts.append(row)
-        slots_ctx.append(slots[:ctx])
+        ctx_blocks.append(blocks[:(ctx + bs - 1) // bs])
         row += tree.num_rows
     q, key, value = torch.cat(q_rows), torch.cat(k_rows), torch.cat(v_rows)
-    batch = TreeAttentionBatch.build(starts, [t.ancestor_masks for t in trees], slots_ctx)
+    batch = TreeAttentionBatch.build(starts, [t.ancestor_masks for t in trees], ctx_lens, ctx_blocks, bs)
     out = torch.full_like(q, float("nan"))
     paged_tree_attention(q, key, value, kv, layout, batch, d ** -0.5, out)
     qsl = torch.tensor(starts + [row], dtype=torch.int32)

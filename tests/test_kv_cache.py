@@ -72,3 +72,23 @@ def test_compaction_moves_skip_rows_in_place():
     sm = torch.arange(100, 120)
     src, dst = compaction_moves(sm, [0, 10], [[1, 2], [2, 5]])
     assert src.tolist() == [112, 115] and dst.tolist() == [111, 112]
+
+
+@pytest.mark.parametrize("kind", ["transposed", "plain", "shuffled"])
+def test_gather_blocks_matches_slot_gather(kind):
+    bs, hs, nb, h = 16, 32, 5, 2
+    n = bs * hs
+    if kind == "transposed":
+        layout = CpuKVLayout.probe(_transposed_k_writer(bs, hs), bs, hs)
+    elif kind == "plain":
+        layout = CpuKVLayout.plain(bs, hs)
+    else:
+        perm = torch.randperm(2 * n, generator=torch.Generator().manual_seed(0))
+        layout = CpuKVLayout(perm[:n].view(bs, hs), perm[n:].view(bs, hs), bs, hs)
+    kv = torch.randn(nb, h, bs, 2 * hs)
+    block_ids = torch.tensor([[3, 1], [4, 0]])
+    k, v = layout.gather_blocks(kv, block_ids)
+    for r in range(2):
+        slots = (block_ids[r, :, None] * bs + torch.arange(bs)).reshape(-1)
+        gk, gv = layout.gather(kv, slots)
+        assert torch.equal(k[r], gk.transpose(0, 1)) and torch.equal(v[r], gv.transpose(0, 1))

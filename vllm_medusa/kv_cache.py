@@ -31,6 +31,12 @@ class CpuKVLayout:
     def __init__(self, k_index: torch.Tensor, v_index: torch.Tensor, block_size: int, head_size: int):
         self.k_index, self.v_index = k_index, v_index
         self.block_size, self.head_size = block_size, head_size
+        n = block_size * head_size
+        plain = torch.arange(n).view(block_size, head_size)
+        # The packings vLLM uses today are views: K transposed or plain, V plain, K region first.
+        self.k_transposed = torch.equal(k_index, plain.view(head_size, block_size).t())
+        self.k_plain = torch.equal(k_index, plain)
+        self.v_plain = torch.equal(v_index, plain + n)
 
     @staticmethod
     def plain(block_size: int, head_size: int) -> "CpuKVLayout":
@@ -78,6 +84,27 @@ class CpuKVLayout:
         k = flat[blocks[:, None], :, self.k_index[offs]]  # [T, head_size, H]
         v = flat[blocks[:, None], :, self.v_index[offs]]
         return k.transpose(1, 2), v.transpose(1, 2)
+
+    def gather_blocks(self, kv_cache: torch.Tensor, block_ids: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of whole blocks, ``block_ids [R, nb]`` -> two ``[R, kv_heads, nb * block_size,
+        head_size]`` tensors (token order within each request), ready for attention."""
+        r, nb = block_ids.shape
+        bs, hs = self.block_size, self.head_size
+        h = kv_cache.shape[1]
+        flat = kv_cache[block_ids.reshape(-1)].view(r, nb, h, 2 * bs * hs)
+        k_region, v_region = flat[..., : bs * hs], flat[..., bs * hs:]
+        if self.k_transposed:
+            k = k_region.reshape(r, nb, h, hs, bs).permute(0, 2, 1, 4, 3)
+        elif self.k_plain:
+            k = k_region.reshape(r, nb, h, bs, hs).permute(0, 2, 1, 3, 4)
+        else:
+            k = flat.index_select(-1, self.k_index.reshape(-1)).view(r, nb, h, bs, hs).permute(0, 2, 1, 3, 4)
+        if self.v_plain:
+            v = v_region.reshape(r, nb, h, bs, hs).permute(0, 2, 1, 3, 4)
+        else:
+            v = flat.index_select(-1, self.v_index.reshape(-1)).view(r, nb, h, bs, hs).permute(0, 2, 1, 3, 4)
+        return k.reshape(r, h, nb * bs, hs), v.reshape(r, h, nb * bs, hs)
 
     def copy_slots(self, kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy K/V of ``src`` slots to ``dst`` slots (all sources read before any write)."""

@@ -181,17 +181,14 @@ class MedusaTreeRunnerMixin:
         return _StepTrees(trees, attention)
 
     def _medusa_attention_batch(self, branching: list[tuple[int, int, int, MedusaTree]]):
-        """The CPU form: context slots read through the block table (see ``attention.py``)."""
+        """The CPU form: the context's blocks read through the block table (see ``attention.py``)."""
         block_table = self.input_batch.block_table[0]
         bs = block_table.block_size
-        starts, masks, ctx_slots = [], [], []
-        for i, start, ctx, tree in branching:
-            blocks = torch.from_numpy(block_table.block_table.np[i, :(ctx + bs - 1) // bs]
-                                      .astype(np.int64))
-            ctx_slots.append((blocks[:, None] * bs + torch.arange(bs)).reshape(-1)[:ctx])
-            starts.append(start)
-            masks.append(tree.ancestor_masks)
-        return TreeAttentionBatch.build(starts, masks, ctx_slots, device=self.device)
+        blocks = [torch.from_numpy(block_table.block_table.np[i, :(ctx + bs - 1) // bs].astype(np.int64))
+                  for i, _, ctx, _ in branching]
+        return TreeAttentionBatch.build([e[1] for e in branching],
+                                        [e[3].ancestor_masks for e in branching],
+                                        [e[2] for e in branching], blocks, bs, device=self.device)
 
     def execute_model(self, *args, **kwargs):
         try:
