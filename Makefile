@@ -7,7 +7,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export VLLM_NO_USAGE_STATS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-DEMO_ARGS ?= --batch-size 16 --max-tokens 128
+DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test
@@ -16,7 +16,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-4} $(PY) examples/offline_generate.py $(DEMO_ARGS)
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-4} $(PY) examples/medusa_vs_plain.py $(DEMO_ARGS)
 
 test: setup
 	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(PY) -m pytest -q tests $(PYTEST_ARGS)
