@@ -27,6 +27,12 @@ def _demo_model(args: argparse.Namespace, rest: list[str]) -> None:
     print(demo_model_path())
 
 
+def _demo_heads(args: argparse.Namespace, rest: list[str]) -> None:
+    from vllm_medusa.demo import demo_heads_path
+
+    print(demo_heads_path())
+
+
 def _tiny_model(args: argparse.Namespace, rest: list[str]) -> None:
     from vllm_medusa.demo import tiny_model_path
 
@@ -68,6 +74,10 @@ COMMANDS: dict[str, Command] = {
     "demo-model": Command(
         "print the path of the local SmolLM2-135M-Instruct checkpoint (converted on first use)",
         _demo_model,
+    ),
+    "demo-heads": Command(
+        "print the folder of the Medusa heads shipped for the demo model (usable as HEADS_DIR)",
+        _demo_heads,
     ),
     "tiny-model": Command(
         "print the path of a tiny random Llama for tests (built on first use)",
