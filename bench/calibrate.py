@@ -1,0 +1,65 @@
+"""Measure the step-cost model the adaptive tree policy uses, on the running hardware.
+
+    python bench/calibrate.py --out cost.json [--model M]
+    VLLM_MEDUSA_COST_PROFILE=cost.json vllm-medusa serve M --speculative-model medusa:H
+
+Times plain decoding steps carrying T tokens (T requests decoding together, T = 1..64), then fits
+cost(T) = base + per_token * max(0, T - knee): flat until the hardware's knee, linear after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+
+
+def fit(points: dict[int, float]) -> dict[str, float]:
+    """Piecewise-linear fit: base from the smallest steps, slope from the largest two."""
+    ts = sorted(points)
+    base = statistics.median(points[t] for t in ts[:2])
+    hi, lo = ts[-1], ts[-2]
+    per_token = max((points[hi] - points[lo]) / (hi - lo), 1e-6)
+    knee = max(1, round(hi - (points[hi] - base) / per_token))
+    return {"base": base, "knee": knee, "per_token": per_token}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    p.add_argument("--steps", type=int, default=32)
+    args = p.parse_args()
+
+    from tqdm import tqdm
+    from vllm import LLM, SamplingParams
+
+    from vllm_medusa.data import mtbench_prompts
+    from vllm_medusa.demo import demo_model_path
+
+    model = args.model or str(demo_model_path())
+    llm = LLM(model=model, max_model_len=2048, enforce_eager=True, seed=0)
+    prompts = mtbench_prompts(model)
+    params = SamplingParams(temperature=0, max_tokens=args.steps, ignore_eos=True)
+    llm.generate(prompts[:2], params, use_tqdm=False)
+    points = {}
+    for t in tqdm(args.tokens, desc="tokens per step"):
+        batch = [prompts[i % len(prompts)] for i in range(t)]
+        llm.generate(batch, SamplingParams(max_tokens=1), use_tqdm=False)  # prefill cached
+        t0 = time.perf_counter()
+        llm.generate(batch, params, use_tqdm=False)
+        points[t] = (time.perf_counter() - t0) / args.steps
+    model_fit = fit(points)
+    with open(args.out, "w") as f:
+        json.dump({**model_fit, "measured": points, "model": model}, f, indent=2)
+    print(json.dumps(model_fit))
+
+
+if __name__ == "__main__":
+    main()
