@@ -165,3 +165,17 @@ def test_converted_heads_run_in_upstream_chain_medusa(tiny, features_dir, tmp_pa
     _, model = load_backbone(tiny, torch.float32)
     ref = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt):]
     assert list(got) == ref.tolist()[: len(got)] and len(got) == 24
+
+
+def test_features_resume_and_limit(tiny, tmp_path):
+    """A longer run reuses the shards of a shorter (--limit) one, and finds them by record ids."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_records(7)))
+    d = tmp_path / "features"
+    extract_features(tiny, data, d, dtype=torch.float32, shard_size=3, limit=4)
+    assert load_features(d).lengths.numel() == 4
+    first = (d / "shard-00000.pt").stat().st_mtime_ns
+    extract_features(tiny, data, d, dtype=torch.float32, shard_size=3)
+    feats = load_features(d)
+    assert feats.lengths.numel() == 7 and feats.ids == [f"syn-{i}" for i in range(7)]
+    assert (d / "shard-00000.pt").stat().st_mtime_ns == first

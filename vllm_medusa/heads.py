@@ -490,6 +490,7 @@ def _save_safetensors(tensors: Mapping[str, Tensor], path: Path, metadata: dict[
     from safetensors.torch import save_file
 
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    path.chmod(0o644)  # the writer creates owner-only files; heads are meant to be shared
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-STAGES = ("distill", "features", "train", "evaluate")
+DEMO_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def _resolve_model(name: str) -> Path:
@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--model", required=True, help="local HF checkpoint, or 'demo' / 'tiny'")
     common.add_argument("--work-dir", help="intermediate data (default <cache>/train/<model name>)")
     common.add_argument("--kv-cache-gb", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE if unset")
+    common.add_argument("--base-model-name", help="base_model_name_or_path written with the heads "
+                                                  "(default: the model path; the hub id for 'demo')")
 
     distill = argparse.ArgumentParser(add_help=False)
     g = distill.add_argument_group("distill")
@@ -53,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-prompt-tokens", type=int, default=512, help="skip longer prompts")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, as served")
     g.add_argument("--max-num-seqs", type=int, default=64, help="engine batch size")
+
+    feat = argparse.ArgumentParser(add_help=False)
+    feat.add_argument_group("features").add_argument(
+        "--feature-limit", type=int, help="cache features of only the first N answers")
 
     outp = argparse.ArgumentParser(add_help=False)
     outp.add_argument("--out", help="heads directory (default <work-dir>/heads)")
@@ -79,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vllm_medusa.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("all", parents=[common, distill, outp, train, ev], help="every stage, then TRAINING.md")
+    sub.add_parser("all", parents=[common, distill, feat, outp, train, ev], help="every stage, then TRAINING.md")
     sub.add_parser("distill", parents=[common, distill], help="self-distilled ShareGPT answers")
-    sub.add_parser("features", parents=[common], help="cache backbone hidden states")
+    sub.add_parser("features", parents=[common, feat], help="cache backbone hidden states")
     sub.add_parser("train", parents=[common, outp, train], help="train heads on cached features")
     sub.add_parser("evaluate", parents=[common, outp, ev], help="MT-Bench accuracies and tree")
     conv = sub.add_parser("convert", parents=[common], help="write vLLM's MedusaModel layout")
@@ -109,8 +115,10 @@ def run(argv: Sequence[str] | None = None) -> int:
     if cmd != "convert":
         settings = dict(log.data.get("settings", {}))
         settings.update({k: v for k, v in vars(args).items()
-                         if k not in ("command", "model", "work_dir", "out", "kv_cache_gb")})
+                         if k not in ("command", "model", "work_dir", "out", "kv_cache_gb", "base_model_name")})
         log.update(model=str(model), model_name=model.name, settings=settings)
+
+    base_name = args.base_model_name or (DEMO_HUB_ID if args.model == "demo" else str(model))
 
     if cmd in ("all", "distill"):
         from .distill import distill, read_records, summarize
@@ -131,7 +139,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
         before = len(list(features_dir.glob("shard-*.pt")))
         with log.stage("features", command) as info:
-            extract_features(model, data_file, features_dir)
+            extract_features(model, data_file, features_dir, limit=args.feature_limit)
             info["cached"] = len(list(features_dir.glob("shard-*.pt"))) == before
             info["resumed"] = before > 0
         print(f"features: {features_dir} in {info['seconds']} s")
@@ -144,7 +152,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                           shared_lm_head=not args.own_lm_head, softmax_vocab=args.softmax_vocab,
                           seed=args.seed)
         with log.stage("train", command) as info:
-            result = train_and_save(features_dir, out, cfg, base_model_name_or_path=str(model),
+            result = train_and_save(features_dir, out, cfg, base_model_name_or_path=base_name,
                                     max_steps=args.max_steps)
             info.update(result.summary())
         print(f"train: {result.steps} steps, final loss {result.final_train_loss:.3f}, held-out top-1 "

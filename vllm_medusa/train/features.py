@@ -85,23 +85,31 @@ def extract_features(model_path: str | os.PathLike, data_file: str | os.PathLike
                      desc: str = "features") -> Path:
     """Run the backbone over every (prompt, answer) record and cache the answer hidden states.
 
-    Resumable: shards already on disk for the same data file and model are kept.
+    Resumable: shards already on disk for the same data file, model and records are kept;
+    ``limit`` takes only the first records (a prefix, so its shards are shared with longer runs).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = [r for r in read_records(data_file) if r["output_token_ids"]][:limit]
+    # Shards depend only on these keys (not on the record count): a run with a different --limit
+    # reuses every shard whose records match.
     meta_file = out / "meta.json"
-    meta = {"model": str(model_path), "data_file": str(data_file), "num_records": len(records),
-            "shard_size": shard_size, "dtype": str(dtype).removeprefix("torch.")}
-    if meta_file.is_file():
-        old = json.loads(meta_file.read_text())
-        if {k: old.get(k) for k in meta} != meta:
-            for f in out.glob("shard-*.pt"):
-                f.unlink()
+    meta = {"model": str(model_path), "data_file": str(data_file), "shard_size": shard_size,
+            "dtype": str(dtype).removeprefix("torch.")}
+    if meta_file.is_file() and {k: json.loads(meta_file.read_text()).get(k) for k in meta} != meta:
+        for f in out.glob("shard-*.pt"):
+            f.unlink()
+    meta_file.write_text(json.dumps(meta, indent=2) + "\n")
     n_shards = (len(records) + shard_size - 1) // shard_size
+    for s in range(n_shards):
+        shard_file = out / f"shard-{s:05d}.pt"
+        want = [r["id"] for r in records[s * shard_size:(s + 1) * shard_size]]
+        if shard_file.is_file() and torch.load(shard_file, weights_only=True)["ids"] != want:
+            shard_file.unlink()
     decoder, model = load_backbone(model_path, dtype)
     lm_head = model.get_output_embeddings().weight.detach()
-    meta.update(hidden_size=int(lm_head.shape[1]), vocab_size=int(lm_head.shape[0]), num_shards=n_shards)
+    meta.update(hidden_size=int(lm_head.shape[1]), vocab_size=int(lm_head.shape[0]), num_shards=n_shards,
+                num_records=len(records))
     torch.save(lm_head.clone(), out / "lm_head.pt")
     total = sum(_seq_len(r) for r in records)
     bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True)
@@ -164,6 +172,8 @@ def load_features(features_dir: str | os.PathLike) -> Features:
     """Concatenate every shard of a features directory."""
     d = Path(features_dir)
     meta = json.loads((d / "meta.json").read_text())
+    if "num_shards" not in meta:
+        raise ValueError(f"{d}: feature extraction did not finish (rerun the features stage)")
     shards = [torch.load(d / f"shard-{s:05d}.pt", weights_only=True) for s in range(meta["num_shards"])]
     if not shards:
         raise ValueError(f"{d}: no feature shards")

@@ -62,7 +62,9 @@ def _commands(stages: dict[str, Any]) -> list[str]:
 
 
 def _minutes(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds / 60:.1f} min"
+    if seconds is None:
+        return "-"
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
 def write_training_md(out_dir: str | os.PathLike, run: dict[str, Any]) -> Path:
