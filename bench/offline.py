@@ -1,0 +1,359 @@
+"""Offline benchmark: plain decoding vs chain Medusa, ngram and Medusa trees, on MT-Bench first turns.
+
+    .venv/bin/python bench/offline.py                 # everything, ~all defaults (takes a while)
+    .venv/bin/python bench/offline.py --smoke         # seconds of generation, for tests
+    .venv/bin/python bench/offline.py --methods plain,tree-8 --batch-sizes 1,4 --repeats 1
+
+Every method is one engine, started in its own child process and gone before the next starts, so
+engines never compete for the cores and a method that crashes costs only its own rows. Inside a
+child: one warm-up per temperature (not measured), then for every batch size x temperature x repeat
+one `LLM.generate` over the first B MT-Bench prompts, timed on the wall clock. Quoted figures are
+medians over repeats; acceptance comes from vLLM's spec-decode counters summed over repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from common import (BENCH, Method, base_tree, bench_prompts, copy_latest, default_heads,
+                    default_model, make_method, md_table, median, parse_list, results_dir,
+                    setup_env, take, write_json)
+
+DEFAULT_METHODS = "plain,medusa_chain,ngram,tree-4,tree-8,tree-16,tree-mc_sim_7b_63,adaptive"
+DEFAULTS = dict(methods=DEFAULT_METHODS, batch_sizes="1,4,16,64", temperatures="0,0.7", repeats=3,
+                max_tokens=128, num_prompts=80, latest=str(BENCH / "latest"))
+SMOKE = dict(methods="plain,tree-4", batch_sizes="1,2", temperatures="0,0.7", repeats=1,
+             max_tokens=8, num_prompts=2, latest=None)
+PROGRESS = "@@bench-progress"
+WARMUP_PROMPT = "Write one sentence about the sea."  # unrelated to MT-Bench
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="base model folder or name (default: the demo SmolLM2)")
+    p.add_argument("--heads", help="Medusa heads folder (default: the demo heads)")
+    p.add_argument("--tree", help="base tree for tree-N and adaptive: preset, chain-N, JSON list or "
+                                  "file (default: the heads' tree.json, else mc_sim_7b_63)")
+    p.add_argument("--methods", help=f"comma list (default {DEFAULT_METHODS}); tree-N = base tree "
+                                     "cut to N nodes, tree-NAME = a whole preset/JSON tree")
+    p.add_argument("--batch-sizes", help="comma list (default 1,4,16,64)")
+    p.add_argument("--temperatures", help="comma list (default 0,0.7)")
+    p.add_argument("--repeats", type=int, help="runs per configuration, median quoted (default 3)")
+    p.add_argument("--max-tokens", type=int, help="max new tokens per prompt (default 128)")
+    p.add_argument("--num-prompts", type=int, help="MT-Bench prompts to draw from (default 80)")
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
+                   help="no torch.compile / CUDA graphs, for every method (default on)")
+    p.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=False,
+                   help="off by default: repeats would otherwise skip the prefill of repeat 1")
+    p.add_argument("--engine-args", type=json.loads, default={}, help="extra LLM(...) kwargs as JSON")
+    p.add_argument("--method-timeout", type=float, default=None, help="seconds before a method is killed")
+    p.add_argument("--name", help="results folder name under bench/results/ (default: a timestamp)")
+    p.add_argument("--out", help="results folder (overrides --name)")
+    p.add_argument("--latest", help="also copy table, summary and plots here (default bench/latest; "
+                                    "none with --smoke); '' to skip")
+    p.add_argument("--smoke", action="store_true", help="2 prompts, 8 tokens, batch 1 and 2, 1 repeat, "
+                                                        "plain and tree-4")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for key, value in (SMOKE if args.smoke else DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+# ---- child: one engine, all configurations ------------------------------------------------------
+
+def read_counters(llm: Any, medusa: bool) -> dict:
+    """vLLM's cumulative spec-decode counters (and the plugin's, for medusa_tree engines)."""
+    from vllm.v1.metrics.reader import Counter, Vector
+
+    c: dict[str, Any] = {"drafts": 0, "accepted": 0, "per_pos": []}
+    for m in llm.get_metrics():
+        if m.name == "vllm:spec_decode_num_drafts" and isinstance(m, Counter):
+            c["drafts"] += m.value
+        elif m.name == "vllm:spec_decode_num_accepted_tokens" and isinstance(m, Counter):
+            c["accepted"] += m.value
+        elif m.name == "vllm:spec_decode_num_accepted_tokens_per_pos" and isinstance(m, Vector):
+            c["per_pos"] = add_lists(c["per_pos"], m.values)
+    if medusa:
+        c["medusa"] = llm.collective_rpc("medusa_stats")[0]
+    return c
+
+
+def add_lists(a: list, b: list, sign: int = 1) -> list:
+    n = max(len(a), len(b))
+    a, b = list(a) + [0] * (n - len(a)), list(b) + [0] * (n - len(b))
+    return [x + sign * y for x, y in zip(a, b)]
+
+
+def diff_counters(after: dict, before: dict) -> dict:
+    d = {"drafts": after["drafts"] - before["drafts"], "accepted": after["accepted"] - before["accepted"],
+         "per_pos": add_lists(after["per_pos"], before["per_pos"], -1)}
+    if "medusa" in after:
+        a, b = after["medusa"], before["medusa"]
+        d["medusa"] = {k: add_lists(a[k], b[k], -1) if isinstance(a[k], list) else a[k] - b[k]
+                       for k in ("tree_steps", "accepted_tokens", "nodes", "accepted_per_depth", "non_leftmost")}
+    return d
+
+
+def tpot_ms(output: Any) -> float | None:
+    """Decode time per token of one request, from the engine's first/last token timestamps."""
+    m, n = output.metrics, len(output.outputs[0].token_ids)
+    if m is None or n < 2 or not m.last_token_ts > m.first_token_ts:
+        return None
+    return 1000 * (m.last_token_ts - m.first_token_ts) / (n - 1)
+
+
+def worker(job_file: str) -> None:
+    job = json.loads(Path(job_file).read_text())
+    import vllm
+    from vllm import LLM, SamplingParams
+
+    medusa = bool(job["spec"]) and job["spec"]["method"] == "medusa_tree"
+    t0 = time.perf_counter()
+    llm = LLM(model=job["model"], speculative_config=job["spec"], **job["engine"])
+    start_s = time.perf_counter() - t0
+    pool = bench_prompts(job["model"], job["num_prompts"])
+    for t in job["temperatures"]:
+        llm.generate([WARMUP_PROMPT] * 2, SamplingParams(temperature=t, max_tokens=16), use_tqdm=False)
+    runs = []
+    for b in job["batch_sizes"]:
+        for t in job["temperatures"]:
+            params = SamplingParams(temperature=t, max_tokens=job["max_tokens"], ignore_eos=False)
+            for r in range(job["repeats"]):
+                before = read_counters(llm, medusa)
+                t0 = time.perf_counter()
+                outs = llm.generate(take(pool, b), params, use_tqdm=False)
+                elapsed = time.perf_counter() - t0
+                spec = diff_counters(read_counters(llm, medusa), before)
+                tokens = [len(o.outputs[0].token_ids) for o in outs]
+                runs.append({
+                    "method": job["method"], "batch_size": b, "temperature": t, "repeat": r,
+                    "elapsed_s": elapsed, "output_tokens": sum(tokens), "tokens_per_s": sum(tokens) / elapsed,
+                    "tpot_ms": median([tpot_ms(o) for o in outs]), **spec,
+                    "output_hashes": [hashlib.sha1(str(list(o.outputs[0].token_ids)).encode()).hexdigest()[:12]
+                                      for o in outs],
+                })
+                # After every run, so a method that dies at batch 64 still reports batches 1..16.
+                write_json(Path(job["result"]), {"vllm_version": vllm.__version__, "engine_start_s": start_s,
+                                                 "runs": runs})
+                print(PROGRESS, flush=True)
+
+
+# ---- parent: one child per method, then summary, table, plots -------------------------------------
+
+def run_method(method: Method, args: argparse.Namespace, model: str, out: Path, bar: Any) -> dict:
+    """Run one method's child process; its vLLM log goes to logs/<method>.log."""
+    (out / "logs").mkdir(exist_ok=True)
+    result = out / "logs" / f"{method.name}.json"
+    job = {"method": method.name, "spec": method.spec, "model": model, "result": str(result),
+           "batch_sizes": parse_list(args.batch_sizes), "temperatures": parse_list(args.temperatures, float),
+           "repeats": args.repeats, "max_tokens": args.max_tokens, "num_prompts": args.num_prompts,
+           "engine": {"enforce_eager": args.enforce_eager, "max_model_len": args.max_model_len, "seed": 0,
+                      "disable_log_stats": False, "enable_prefix_caching": args.prefix_caching,
+                      **args.engine_args}}
+    job_file = out / "logs" / f"{method.name}.job.json"
+    write_json(job_file, job)
+    tail: collections.deque[str] = collections.deque(maxlen=30)
+    with open(out / "logs" / f"{method.name}.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(job_file)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        watchdog = threading.Timer(args.method_timeout or 1e9, proc.kill)
+        watchdog.start()
+        try:
+            for line in proc.stdout:
+                if line.startswith(PROGRESS):
+                    bar.update(1)
+                else:
+                    log.write(line)
+                    tail.append(line)
+        finally:
+            watchdog.cancel()
+            if proc.poll() is None:
+                proc.kill()
+            rc = proc.wait()
+            with contextlib.suppress(ProcessLookupError):  # the engine-core grandchild, if left
+                os.killpg(proc.pid, signal.SIGKILL)
+    res = json.loads(result.read_text()) if result.is_file() else {}
+    if rc != 0:
+        res["error"] = f"exit code {rc}; last log lines:\n" + "".join(tail)
+    return res
+
+
+def summarize(methods: list[Method], runs: list[dict]) -> list[dict]:
+    """One row per (method, batch size, temperature): medians over repeats, summed counters."""
+    nodes = {m.name: m.nodes for m in methods}
+    depth = {m.name: m.depth for m in methods}
+    groups: dict[tuple, list[dict]] = collections.defaultdict(list)
+    for r in runs:
+        groups[(r["method"], r["batch_size"], r["temperature"])].append(r)
+    rows = []
+    for (name, b, t), rs in groups.items():
+        drafts = sum(r["drafts"] for r in rs)
+        accepted = sum(r["accepted"] for r in rs)
+        per_pos = [0] * depth[name]  # vLLM's vector has a slot per draft token, a tree only `depth`
+        for r in rs:
+            per_pos = add_lists(per_pos, r["per_pos"][: depth[name]])
+        row = {"method": name, "nodes": nodes[name], "depth": depth[name], "temperature": t, "batch_size": b, "repeats": len(rs),
+               "tokens_per_s": median([r["tokens_per_s"] for r in rs]),
+               "tpot_ms": median([r["tpot_ms"] for r in rs]),
+               "output_tokens": median([r["output_tokens"] for r in rs]),
+               "drafts": drafts, "accepted": accepted,
+               "mean_acceptance_length": 1 + accepted / drafts if drafts else None,
+               "acceptance_per_depth": [x / drafts for x in per_pos] if drafts else [],
+               # vLLM's own "draft acceptance rate": accepted / proposed; for a tree this is
+               # accepted / nodes, low by design (see README).
+               "vllm_draft_acceptance_rate": accepted / (drafts * nodes[name]) if drafts and nodes[name] else None}
+        med = [r["medusa"] for r in rs if "medusa" in r]
+        if med:
+            steps = sum(m["tree_steps"] for m in med)
+            row["medusa_nodes_per_step"] = sum(m["nodes"] for m in med) / steps if steps else 0.0
+            row["medusa_mean_acceptance_length"] = 1 + sum(m["accepted_tokens"] for m in med) / steps if steps else None
+            row["medusa_non_leftmost"] = sum(m["non_leftmost"] for m in med) / steps if steps else None
+        rows.append(row)
+    plain = {(r["batch_size"], r["temperature"]): r for r in rows if r["method"] == "plain"}
+    first = {(r["method"], r["batch_size"], r["temperature"]): r["output_hashes"]
+             for r in runs if r["repeat"] == 0}
+    for row in rows:
+        base = plain.get((row["batch_size"], row["temperature"]))
+        row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"] if base else None
+        key = (row["batch_size"], row["temperature"])
+        if base and row["temperature"] == 0:
+            mine, ref = first[(row["method"], *key)], first[("plain", *key)]
+            row["greedy_same_as_plain"] = sum(a == b for a, b in zip(mine, ref)) / len(ref)
+    order = {m.name: i for i, m in enumerate(methods)}
+    rows.sort(key=lambda r: (r["temperature"], r["batch_size"], order[r["method"]]))
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    header = ["method", "nodes", "temp", "batch", "tok/s", "TPOT ms", "x plain", "acc. len",
+              "acc. rate per depth", "tree nodes/step", "greedy = plain"]
+    body = [[r["method"], r["nodes"], r["temperature"], r["batch_size"], round(r["tokens_per_s"], 1),
+             r["tpot_ms"], r["speedup"], r["mean_acceptance_length"],
+             " / ".join(f"{x:.2f}" for x in r["acceptance_per_depth"]) or "-",
+             r.get("medusa_nodes_per_step"), r.get("greedy_same_as_plain")] for r in rows]
+    return md_table(header, body)
+
+
+def plots(rows: list[dict], out: Path) -> list[Path]:
+    """speedup.png: x plain vs batch size (greedy); acceptance.png: acceptance rate per depth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    temps = sorted({r["temperature"] for r in rows})
+    greedy = 0.0 if 0.0 in temps else temps[0]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for m in methods:
+        pts = [(r["batch_size"], r["speedup"]) for r in rows
+               if r["method"] == m and r["temperature"] == greedy and r["speedup"] is not None]
+        if m != "plain" and pts:
+            ax.plot(*zip(*pts), marker="o", label=m)
+    ax.axhline(1.0, color="grey", lw=1, ls="--", label="plain")
+    ax.set_xscale("log", base=2)
+    batches = sorted({r["batch_size"] for r in rows})
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("output tokens/s relative to plain")
+    ax.set_title(f"Speed-up over plain decoding (temperature {greedy:g})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "speedup.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(temps), figsize=(5.2 * len(temps), 4.0), squeeze=False)
+    for ax, t in zip(axes[0], temps):
+        for m in methods:
+            rs = [r for r in rows if r["method"] == m and r["temperature"] == t and r["drafts"]]
+            drafts = sum(r["drafts"] for r in rs)
+            if not drafts:
+                continue
+            per = [0]
+            for r in rs:
+                per = add_lists(per, [x * r["drafts"] for x in r["acceptance_per_depth"]])
+            ax.plot(range(1, len(per) + 1), [x / drafts for x in per], marker="o", label=m)
+        ax.set_xlabel("depth (draft position)")
+        ax.set_ylabel("fraction of steps accepting this depth")
+        ax.set_title(f"Acceptance per depth, temperature {t:g}, all batch sizes")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "acceptance.png", dpi=110)
+    plt.close(fig)
+    return [out / "speedup.png", out / "acceptance.png"]
+
+
+def main() -> None:
+    args = parse_args()
+    setup_env()
+    if args.worker:
+        try:
+            worker(args.worker)
+        except BaseException:
+            traceback.print_exc()
+            sys.stdout.flush()
+            os._exit(1)
+        return
+    from tqdm import tqdm
+
+    model = args.model or default_model()
+    heads = args.heads or default_heads()
+    out = results_dir(args.out, args.name)
+    names = [n.strip() for n in args.methods.split(",") if n.strip()]
+    needs_heads = any(n not in ("plain", "ngram") for n in names)
+    base, base_src = base_tree(heads, args.tree) if needs_heads else ([], "")
+    methods = [make_method(n, model, heads, base, base_src) for n in names]
+    configs = len(parse_list(args.batch_sizes)) * len(parse_list(args.temperatures, float)) * args.repeats
+    meta = {"args": vars(args), "model": model, "heads": heads, "base_tree": base, "base_tree_source": base_src,
+            "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    runs: list[dict] = []
+    with tqdm(total=len(methods) * configs, unit="run", desc="offline") as bar:
+        for m in methods:
+            bar.set_postfix_str(m.name)
+            if m.error is None:
+                res = run_method(m, args, model, out, bar)
+                m.error = res.get("error")
+                runs += res.get("runs", [])
+                meta.setdefault("vllm_version", res.get("vllm_version"))
+                meta.setdefault("engine_start_s", {})[m.name] = res.get("engine_start_s")
+            if m.error:
+                tqdm.write(f"{m.name} failed: {m.error.strip().splitlines()[-1]}")
+                bar.update(configs - sum(r["method"] == m.name for r in runs))
+    rows = summarize(methods, runs)
+    meta["methods"] = methods
+    write_json(out / "raw.json", {"meta": meta, "runs": runs})
+    write_json(out / "summary.json", {"meta": meta, "rows": rows})
+    failed = "".join(f"- {m.name} failed: {m.error.strip().splitlines()[-1]}\n" for m in methods if m.error)
+    text = (f"# Offline benchmark ({meta['started']})\n\nmodel `{Path(model).name}`, heads `{heads}`, "
+            + (f"base tree {base_src} ({len(base)} nodes), " if base else "") + f"max_tokens {args.max_tokens}, "
+            f"{args.repeats} repeat(s), median tokens/s; MT-Bench first turns.\n\n"
+            + table(rows) + ("\n" + failed if failed else ""))
+    (out / "table.md").write_text(text)
+    pngs = plots(rows, out) if rows else []
+    copy_latest([out / "table.md", out / "summary.json", *pngs], args.latest)
+    print(text)
+    print(f"results in {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""The benchmark scripts run end to end (`--smoke`) and write the files the README promises.
+
+Only structure is checked, never timings: the numbers of a smoke run on a shared CPU mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def heads(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo heads when they exist, else random 4-head ones (acceptance ~0, fine for structure)."""
+    import torch
+
+    from vllm_medusa.demo import demo_heads_path
+    from vllm_medusa.heads import MedusaHeads, save_medusa_heads
+
+    path = demo_heads_path()
+    if (path / "config.json").is_file():
+        return path
+    torch.manual_seed(0)
+    random_heads = MedusaHeads(4, 1, 576, 49152, shared_lm_head=True)
+    with torch.no_grad():
+        random_heads.block_weight.normal_(0, 0.02)
+    return save_medusa_heads(random_heads, tmp_path_factory.mktemp("heads"), "smollm2",
+                             dtype=torch.bfloat16)
+
+
+def run(script: str, out: Path, heads: Path) -> str:
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), "--smoke", "--out", str(out),
+                           "--heads", str(heads)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.engine
+def test_offline_smoke(tmp_path: Path, heads: Path) -> None:
+    run("offline.py", tmp_path, heads)
+    for name in ("raw.json", "summary.json", "table.md", "speedup.png", "acceptance.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    rows = summary["rows"]
+    assert {r["method"] for r in rows} == {"plain", "tree-4"}
+    assert {(r["batch_size"], r["temperature"]) for r in rows} == {(b, t) for b in (1, 2) for t in (0.0, 0.7)}
+    assert not any(m["error"] for m in summary["meta"]["methods"])
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["output_tokens"] > 0 and r["speedup"] is not None
+        if r["method"] == "tree-4":
+            assert r["drafts"] > 0 and r["mean_acceptance_length"] >= 1
+            assert len(r["acceptance_per_depth"]) >= 1 and r["medusa_nodes_per_step"] > 0
+        if r["temperature"] == 0:
+            assert 0 <= r["greedy_same_as_plain"] <= 1
+    table = (tmp_path / "table.md").read_text()
+    for column in ("method", "tok/s", "TPOT ms", "x plain", "acc. len", "acc. rate per depth"):
+        assert f"| {column} |" in table or f" {column} |" in table, column
+
+
+@pytest.mark.engine
+def test_online_smoke(tmp_path: Path, heads: Path) -> None:
+    run("online.py", tmp_path, heads)
+    for name in ("online_raw.json", "online_summary.json", "online.md", "online.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    summary = json.loads((tmp_path / "online_summary.json").read_text())
+    assert not summary["meta"]["errors"]
+    rows = {r["server"]: r for r in summary["rows"]}
+    assert set(rows) == {"plain", "medusa_tree"}
+    for r in rows.values():
+        assert r["completed"] == 2 and r["failed"] == 0
+        assert r["throughput_tok_s"] > 0 and r["ttft_ms_median"] > 0
+    assert 0 <= rows["medusa_tree"]["same_text_as_plain"] <= 1
+    assert rows["medusa_tree"]["mean_acceptance_length"] >= 1
+    assert "TPOT ms p50" in (tmp_path / "online.md").read_text()
