@@ -13,8 +13,22 @@ def test_published_tree_shape():
     assert tree.num_nodes == 63 and per_depth == [10, 28, 23, 2]
 
 
+def test_order_kept_when_parents_come_first_else_breadth_first():
+    value_order = [(0,), (0, 0), (1,), (0, 0, 0), (0, 1)]
+    assert list(MedusaTree.from_paths(value_order).paths) == value_order
+    assert MedusaTree.from_paths([(0, 0), (0,), (1,)]).paths == ((0,), (1,), (0, 0))
+    assert MedusaTree.from_paths(MC_SIM_7B_63).paths == tuple(MC_SIM_7B_63)
+
+
+def test_optimal_prefixes_are_optimal():
+    acc = [[0.5, 0.3, 0.1], [0.45, 0.2, 0.15], [0.35, 0.25, 0.05]]
+    tree = optimal_tree(acc, 6)
+    for n in range(1, 6):
+        assert expected_acceptance_length(tree[:n], acc) == pytest.approx(_brute_force_best(acc, n))
+
+
 def test_buffers_and_mask():
-    tree = MedusaTree.from_paths([(1,), (0,), (0, 0), (0, 1), (1, 0), (0, 0, 0)])
+    tree = MedusaTree.from_paths([(0, 0), (0,), (1,), (0, 1), (1, 0), (0, 0, 0)])
     assert tree.paths == ((0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0))
     assert tree.parents == [-1, 0, 0, 1, 1, 2, 3]
     assert tree.depths == [0, 1, 1, 2, 2, 2, 3]
@@ -79,7 +93,7 @@ def _brute_force_best(acc, budget):
 def test_optimal_tree_matches_hand_example():
     acc = [[0.6, 0.2], [0.4, 0.1]]
     # Values: (0,)=.6 (0,0)=.24 (1,)=.2 (0,1)=.06 (1,0)=.08
-    assert optimal_tree(acc, 3) == [(0,), (1,), (0, 0)]
+    assert optimal_tree(acc, 3) == [(0,), (0, 0), (1,)]
     assert expected_acceptance_length([(0,), (1,), (0, 0)], acc) == pytest.approx(1 + .6 + .2 + .24)
 
 

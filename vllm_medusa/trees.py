@@ -2,9 +2,11 @@
 
 A tree is a list of index paths (``medusa_choices``). Path ``(i1, ..., id)`` is the node holding the
 ``i_d``-th most likely token of head ``d-1`` under node ``(i1, ..., i_{d-1})``. Row 0 of a tree is
-the *root*: the token just sampled from the base model. Paths are kept in breadth-first order
-(sorted by length, then value), so every prefix of the list is itself a valid tree and truncating a
-tree to fit a budget is slicing.
+the *root*: the token just sampled from the base model. Nodes are kept in an order where every
+parent comes before its children, so every prefix of the list is itself a valid tree and truncating
+a tree to fit a budget is slicing. A list already in such an order keeps it: the greedy
+construction's value order (``optimal_tree``, and the published ``mc_sim_7b_63``) makes each prefix
+the best tree of its size. Other lists are sorted breadth-first.
 """
 
 from __future__ import annotations
@@ -87,11 +89,18 @@ class MedusaTree:
             for i in p:
                 if isinstance(i, bool) or not isinstance(i, int) or i < 0:
                     raise TreeError(f"tree path {list(p)} has a non-integer or negative index {i!r}")
-        ordered = sort_paths(paths)
-        present = set(ordered)
-        for p in ordered:
+        given = list(dict.fromkeys(tuple(int(i) for i in p) for p in paths))
+        present = set(given)
+        for p in given:
             if len(p) > 1 and p[:-1] not in present:
                 raise TreeError(f"tree path {list(p)} has no parent {list(p[:-1])} in the tree")
+        seen: set[Path] = set()
+        ordered = given
+        for p in given:
+            if len(p) > 1 and p[:-1] not in seen:
+                ordered = sort_paths(given)
+                break
+            seen.add(p)
         if len(ordered) + 1 > MAX_TREE_ROWS:
             raise TreeError(f"tree has {len(ordered)} nodes; at most {MAX_TREE_ROWS - 1} are supported")
         if num_heads is not None and ordered and max(len(p) for p in ordered) > num_heads:
@@ -218,7 +227,7 @@ def expected_acceptance_length(tree: MedusaTree | Sequence[Sequence[int]],
     ``accuracies[k][i]`` is the probability that head k's (i+1)-th guess is the right token
     (per rank, not cumulative), assumed independent across heads.
     """
-    paths = tree.paths if isinstance(tree, MedusaTree) else sort_paths(tree)
+    paths = tree.paths if isinstance(tree, MedusaTree) else [tuple(p) for p in tree]
     total = 1.0
     for p in paths:
         prob = 1.0
@@ -234,7 +243,8 @@ def optimal_tree(accuracies: Sequence[Sequence[float]], budget: int) -> list[Pat
     A node's value is the product of accuracies along its path and no child is worth more than its
     parent, so the ``budget`` most valuable nodes form a valid tree: taking them greedily from the
     frontier (children of chosen nodes) is optimal, the Medusa paper's construction.
-    Ties break toward shallower, lower-rank paths.
+    Ties break toward shallower, lower-rank paths. The nodes come in the order they were chosen, so
+    every prefix of the result is the optimal tree of its own size.
     """
     budget = min(budget, MAX_TREE_ROWS - 1)
     heap: list[tuple[float, int, Path]] = []
@@ -252,4 +262,4 @@ def optimal_tree(accuracies: Sequence[Sequence[float]], budget: int) -> list[Pat
         neg, _, path = heapq.heappop(heap)
         chosen.append(path)
         push_children(path, -neg)
-    return sort_paths(chosen)
+    return chosen
