@@ -93,15 +93,16 @@ class MedusaHeads(nn.Module):
         return (f"heads={self.num_heads}, layers={self.num_layers}, hidden={self.hidden_size}, "
                 f"vocab={self.vocab_size}, {kind}{tm}")
 
-    def residual(self, hidden: Tensor) -> Tensor:
-        """The residual blocks of every head: ``[B, H] -> [K, B, H]`` (the input to the projection)."""
+    def residual(self, hidden: Tensor, num_heads: int | None = None) -> Tensor:
+        """The residual blocks of the first ``num_heads`` heads (default all): ``[B, H] -> [K, B, H]``."""
         if hidden.dim() != 2 or hidden.shape[-1] != self.hidden_size:
             raise ValueError(f"hidden must be [B, {self.hidden_size}], got {tuple(hidden.shape)}")
-        x = hidden.to(self.block_weight.dtype).unsqueeze(0).expand(self.num_heads, -1, -1)
+        k = self.num_heads if num_heads is None else num_heads
+        x = hidden.to(self.block_weight.dtype).unsqueeze(0).expand(k, -1, -1)
         for layer in range(self.num_layers):
-            w = self.block_weight[:, layer].transpose(1, 2)
+            w = self.block_weight[:k, layer].transpose(1, 2)
             if self.block_bias is not None:
-                y = torch.baddbmm(self.block_bias[:, layer].unsqueeze(1), x, w)
+                y = torch.baddbmm(self.block_bias[:k, layer].unsqueeze(1), x, w)
             else:
                 y = torch.bmm(x, w)
             x = x + F.silu(y)
@@ -119,30 +120,36 @@ class MedusaHeads(nn.Module):
             w = w[self.token_map]
         return w.unsqueeze(0)
 
-    def forward(self, hidden: Tensor, lm_head_weight: Tensor | None = None) -> Tensor:
-        """Logits ``[K, B, V']`` of every head for hidden states ``[B, H]``.
+    def forward(self, hidden: Tensor, lm_head_weight: Tensor | None = None,
+                num_heads: int | None = None) -> Tensor:
+        """Logits ``[K, B, V']`` of the first ``num_heads`` heads (default all) for ``[B, H]``.
 
         V' is the reduced vocabulary when a ``token_map`` is set (see ``topk_token_ids``). A shared
         ``lm_head_weight`` is used as given (any number of rows: vLLM pads its vocab, training
         may pass a sub-vocabulary), except that a full-size one is narrowed by the token_map.
+        A single projection runs as one GEMM over all heads' rows: on CPUs the vocab projection is
+        memory-bound, so reading its weight once instead of once per head is most of the cost.
         """
-        x = self.residual(hidden)
+        x = self.residual(hidden, num_heads)
+        k, b, h = x.shape
         w = self._projection(lm_head_weight).to(x.dtype)
         if w.shape[0] == 1:
-            logits = torch.matmul(x, w[0].t())
+            logits = F.linear(x.reshape(k * b, h), w[0]).view(k, b, -1)
         else:
-            logits = torch.bmm(x, w.transpose(1, 2))
+            logits = torch.bmm(x, w[:k].transpose(1, 2))
         if self.proj_bias is not None:
-            logits = logits + self.proj_bias.unsqueeze(1).to(logits.dtype)
+            bias = self.proj_bias if self.proj_bias.shape[0] == 1 else self.proj_bias[:k]
+            logits = logits + bias.unsqueeze(1).to(logits.dtype)
         return logits
 
     def map_tokens(self, indices: Tensor) -> Tensor:
         """Indices into the logits -> vocabulary token ids (identity without a token_map)."""
         return indices if self.token_map is None else self.token_map[indices]
 
-    def topk_token_ids(self, hidden: Tensor, k: int, lm_head_weight: Tensor | None = None) -> Tensor:
-        """Token ids ``[K, B, k]`` of each head's k most likely tokens, best first."""
-        logits = self.forward(hidden, lm_head_weight)
+    def topk_token_ids(self, hidden: Tensor, k: int, lm_head_weight: Tensor | None = None,
+                       num_heads: int | None = None) -> Tensor:
+        """Token ids ``[K, B, k]`` of the first ``num_heads`` heads' k most likely tokens, best first."""
+        logits = self.forward(hidden, lm_head_weight, num_heads)
         return self.map_tokens(logits.topk(k, dim=-1).indices)
 
     def full_vocab_logits(self, logits: Tensor) -> Tensor:

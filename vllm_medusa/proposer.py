@@ -74,7 +74,11 @@ class MedusaTreeProposer:
         device = next(target_model.parameters()).device
         self.heads = load_medusa_heads(self.options.heads, hidden_size=hidden, vocab_size=vocab,
                                        dtype=dtype, device=device).eval()
-        self.lm_head_weight = target_model.lm_head.weight if self.heads.shared_lm_head else None
+        # vLLM may pad the vocab rows of its lm_head; padded rows must never be drafted.
+        self.lm_head_weight = (target_model.lm_head.weight[:vocab] if self.heads.shared_lm_head
+                               else None)
+        # Shared heads project with the model's own logits path (vLLM's packed GEMM on CPU).
+        self.compute_logits = getattr(target_model, "compute_logits", None)
         self.tree = resolve_medusa_tree(self.options, self.heads.num_heads)
         self.policy = TreeBudgetPolicy.for_tree(self.tree, heads_accuracies(self.options.heads),
                                                 adaptive=self.options.adaptive)
@@ -100,9 +104,23 @@ class MedusaTreeProposer:
         widest = max(trees, key=lambda t: t.num_nodes, default=None)
         if widest is None or widest.num_nodes == 0:
             return [[] for _ in trees], trees
-        topk_ids = self.heads.topk_token_ids(hidden, max(widest.max_topk, 1), self.lm_head_weight)
+        topk_ids = self._topk_ids(hidden, max(widest.max_topk, 1), widest.depth)
         drafts = draft_tree_tokens(topk_ids, widest).tolist()
         return [d[:t.num_nodes] for d, t in zip(drafts, trees)], trees
+
+    def _topk_ids(self, hidden: torch.Tensor, k: int, num_heads: int) -> torch.Tensor:
+        """Token ids ``[num_heads, B, k]`` of the first heads' top-k guesses."""
+        heads = self.heads
+        assert heads is not None
+        if heads.shared_lm_head and self.compute_logits is not None:
+            x = heads.residual(hidden, num_heads)
+            logits = self.compute_logits(x.reshape(-1, x.shape[-1]).to(hidden.dtype))
+            if logits is not None:
+                logits = logits.view(num_heads, hidden.shape[0], -1)[..., : heads.vocab_size]
+                if heads.token_map is not None:
+                    logits = logits[..., heads.token_map]
+                return heads.map_tokens(logits.topk(k, dim=-1).indices)
+        return heads.topk_token_ids(hidden, k, self.lm_head_weight, num_heads=num_heads)
 
     def propose(self, *args, **kwargs):
         """vLLM's custom-proposer entry point; tree drafting needs hidden states, so refuse clearly."""
