@@ -111,3 +111,17 @@ def test_same_seed_same_output(medusa32):
     first = generate_tokens(medusa32, ["Write a haiku about rain."], [params])
     second = generate_tokens(medusa32, ["Write a haiku about rain."], [params])
     assert first == second
+
+
+def test_logprobs_follow_the_emitted_tokens(medusa32, plain32):
+    """Logprobs of several tokens per step come from the tree level that drew each token."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=24, logprobs=2)
+    prompt = ["1, 2, 3, 4, 5, 6, 7, 8,"]
+    got = medusa32.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    want = plain32[0].generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    assert list(got.token_ids) == list(want.token_ids)
+    for tok, g, w in zip(got.token_ids, got.logprobs, want.logprobs):
+        assert tok in g and g[tok].rank == 1
+        assert abs(g[tok].logprob - w[tok].logprob) < 1e-3
