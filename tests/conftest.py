@@ -23,6 +23,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# GPU kernels are tested on CPU tensors under Triton's interpreter; the variable must be set before
+# anything (vLLM included) imports triton, so it lives here rather than in the kernel tests.
+if not __import__("torch").cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEMO_MAX_MODEL_LEN = 2048
 
