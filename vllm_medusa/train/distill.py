@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -116,7 +117,8 @@ def generate_answers(llm: Any, prompts: Sequence[Prompt], out_file: str | os.Pat
     done = {r["id"] for r in read_records(out_file)}
     todo = [p for p in prompts if p.id not in done]
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed if temperature > 0 else None)
-    bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=desc, unit="answer")
+    bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=desc, unit="answer",
+               mininterval=0.5 if sys.stderr.isatty() else 30)
     n_tokens = 0
     with out_file.open("a") as fh:
         for chunk in _chunks(todo, chunk_size):

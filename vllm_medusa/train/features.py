@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -112,7 +113,8 @@ def extract_features(model_path: str | os.PathLike, data_file: str | os.PathLike
                 num_records=len(records))
     torch.save(lm_head.clone(), out / "lm_head.pt")
     total = sum(_seq_len(r) for r in records)
-    bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True)
+    bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True,
+               mininterval=0.5 if sys.stderr.isatty() else 30)
     for s in range(n_shards):
         chunk = records[s * shard_size:(s + 1) * shard_size]
         shard_file = out / f"shard-{s:05d}.pt"

@@ -111,12 +111,17 @@ def write_training_md(out_dir: str | os.PathLike, run: dict[str, Any]) -> Path:
         if name in stages:
             lines.append(f"| {name} | {_minutes(stages[name].get('seconds'))} |")
     train = stages.get("train", {})
+    settings = run.get("settings", {})
     if train:
         lines += ["", "## Training", "",
                   f"- {train.get('steps')} steps of {run.get('settings', {}).get('batch_size')} positions, "
                   f"{train.get('train_positions')} training positions, final train loss "
                   f"{train.get('final_train_loss', float('nan')):.3f}, held-out (ShareGPT split) loss "
                   f"{train.get('heldout_loss', float('nan')):.3f}."]
+        if settings.get("softmax_vocab") == "data":
+            lines.append(f"- Training softmax over the {train.get('softmax_size', '?')} distinct tokens of the "
+                         "training answers (`--softmax-vocab data`, ~4x cheaper than the full vocabulary "
+                         "on this CPU); every accuracy below is over the full vocabulary.")
         if train.get("heldout_topk"):
             lines.append("- ShareGPT held-out split top-1 per head: "
                          + ", ".join(f"{row[0]:.3f}" for row in train["heldout_topk"]))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,12 +58,14 @@ class TrainResult:
     heldout_accuracies: list[list[float]]  # per head, per rank
     loss_history: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    softmax_size: int = 0
 
     def summary(self) -> dict[str, Any]:
         return {"config": asdict(self.config), "steps": self.steps,
                 "train_positions": self.train_positions, "heldout_positions": self.heldout_positions,
                 "final_train_loss": self.final_train_loss, "heldout_loss": self.heldout_loss,
-                "heldout_topk": cumulative(self.heldout_accuracies), "seconds": self.seconds}
+                "heldout_topk": cumulative(self.heldout_accuracies), "softmax_size": self.softmax_size,
+                "seconds": self.seconds}
 
 
 def medusa_loss(logits: torch.Tensor, targets: torch.Tensor, head_decay: float = 0.8) -> tuple[torch.Tensor, list[float]]:
@@ -147,7 +150,8 @@ def train_heads(features: Features | str | os.PathLike, config: TrainConfig | No
 
     history: list[float] = []
     ema_loss, ema_acc = None, [0.0] * cfg.num_heads
-    bar = tqdm(total=total, desc="train", unit="step", disable=not progress)
+    bar = tqdm(total=total, desc="train", unit="step", disable=not progress,
+               mininterval=0.5 if sys.stderr.isatty() else 30)
     perm = torch.zeros(0, dtype=torch.long)
     cursor = 0
     heads.train()
@@ -190,7 +194,7 @@ def train_heads(features: Features | str | os.PathLike, config: TrainConfig | No
     return TrainResult(heads=heads, config=cfg, steps=total, train_positions=len(train_rows),
                        heldout_positions=len(held_rows), final_train_loss=sum(tail) / len(tail),
                        heldout_loss=held_loss, heldout_accuracies=held_acc, loss_history=history,
-                       seconds=time.time() - t0)
+                       seconds=time.time() - t0, softmax_size=int(train_proj.shape[0]))
 
 
 def train_and_save(features_dir: str | os.PathLike, out_dir: str | os.PathLike,
