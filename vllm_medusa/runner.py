@@ -16,6 +16,8 @@ a plain-torch module:
 from __future__ import annotations
 
 import contextlib
+import os
+import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -41,11 +43,16 @@ class _StepTrees:
 class MedusaStats:
     """Counters the benchmark and tests read through ``collective_rpc("medusa_stats")``."""
 
+    steps: int = 0  # engine steps (forward passes)
     tree_steps: int = 0  # (request, step) pairs verified with a tree
     accepted_tokens: int = 0
     nodes: int = 0
     accepted_per_depth: list[int] = field(default_factory=list)
     non_leftmost: int = 0  # accepted paths that leave the top-1 chain
+    seconds: dict[str, float] = field(default_factory=dict)  # per phase, when profiling is on
+
+    def add_time(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
 
     def record(self, trees: list[MedusaTree | None], accepted_rows: list[list[int]]) -> None:
         for tree, rows in zip(trees, accepted_rows):
@@ -71,6 +78,23 @@ class _TreeAttentionState:
     """The current step's tree rows, read by every attention layer; None outside a tree step."""
 
     batch: Any = None
+    seconds: float = 0.0  # time in the tree pass, accumulated when profiling
+
+
+PROFILE = os.environ.get("VLLM_MEDUSA_PROFILE", "0") == "1"
+
+
+@contextlib.contextmanager
+def _timed(stats: "MedusaStats", phase: str):
+    """Wall time of a phase into ``stats`` (VLLM_MEDUSA_PROFILE=1; CPU only: no device sync)."""
+    if not PROFILE:
+        yield
+        return
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        stats.add_time(phase, time.perf_counter() - t0)
 
 
 TREE_ATTENTION = _TreeAttentionState()
@@ -107,7 +131,10 @@ def _cpu_attention_impl_cls():
             nb, _, block_size, _ = kv_cache.shape
             layout = cpu_kv_layout(layer.isa, block_size, self.head_size, kv_cache.dtype)
             out = output.view(output.shape[0], self.num_heads, self.head_size)
+            t0 = time.perf_counter() if PROFILE else 0.0
             paged_tree_attention(query, key, value, kv_cache, layout, batch, self.scale, out)
+            if PROFILE:
+                TREE_ATTENTION.seconds += time.perf_counter() - t0
             return result
 
     class MedusaCPUAttentionBackend(CPUAttentionBackend):
@@ -147,7 +174,8 @@ class MedusaTreeRunnerMixin:
     # -- inputs --------------------------------------------------------------------------------
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
-        self._medusa_step = self._medusa_tree_rows(scheduler_output)
+        with _timed(self.medusa_stats, "tree_rows"):
+            self._medusa_step = self._medusa_tree_rows(scheduler_output)
         TREE_ATTENTION.batch = self._medusa_step.attention
         return result
 
@@ -191,10 +219,15 @@ class MedusaTreeRunnerMixin:
                                         [e[2] for e in branching], blocks, bs, device=self.device)
 
     def execute_model(self, *args, **kwargs):
+        TREE_ATTENTION.seconds = 0.0
+        self.medusa_stats.steps += 1
         try:
-            return super().execute_model(*args, **kwargs)
+            with _timed(self.medusa_stats, "forward"):
+                return super().execute_model(*args, **kwargs)
         finally:
             TREE_ATTENTION.batch = None
+            if PROFILE:
+                self.medusa_stats.add_time("tree_attention", TREE_ATTENTION.seconds)
 
     def _update_states(self, scheduler_output):
         for req_id in scheduler_output.finished_req_ids:
@@ -228,9 +261,12 @@ class MedusaTreeRunnerMixin:
             levels.append(out.logprobs_tensors)
             return out.sampled_token_ids[:, 0].tolist()
 
-        walk = walk_trees(row_starts, children, drafts, sample, logits=logits,
-                          temperature=sampling_metadata.temperature, typical=self._medusa_typical)
-        self._medusa_compact(walk.accepted_rows)
+        with _timed(self.medusa_stats, "verification"):
+            walk = walk_trees(row_starts, children, drafts, sample, logits=logits,
+                              temperature=sampling_metadata.temperature,
+                              typical=self._medusa_typical)
+        with _timed(self.medusa_stats, "compaction"):
+            self._medusa_compact(walk.accepted_rows)
         self.medusa_stats.record(step.trees, walk.accepted_rows)
         self._medusa_last_rows = [s + r for s, r in zip(row_starts, walk.last_rows)]
         width = max(num_drafts) + 1
@@ -271,7 +307,8 @@ class MedusaTreeRunnerMixin:
         caps = [min(budget, self._medusa_room(batch.req_ids[b])) for b in active]
         hidden = sample_hidden_states[torch.tensor([rows[b] for b in active],
                                                    device=sample_hidden_states.device)]
-        proposed, trees = self.drafter.propose_trees(hidden, caps)
+        with _timed(self.medusa_stats, "heads_and_tree"):
+            proposed, trees = self.drafter.propose_trees(hidden, caps)
         for b, d, tree in zip(active, proposed, trees):
             drafts[b] = d
             self._medusa_trees[batch.req_ids[b]] = tree
