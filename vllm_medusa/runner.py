@@ -268,6 +268,10 @@ class MedusaTreeRunnerMixin:
         with _timed(self.medusa_stats, "compaction"):
             self._medusa_compact(walk.accepted_rows)
         self.medusa_stats.record(step.trees, walk.accepted_rows)
+        policy = self.drafter.policy
+        for tree, rows in zip(step.trees, walk.accepted_rows):
+            if tree is not None:
+                policy.observe(tree.num_nodes, len(rows))
         self._medusa_last_rows = [s + r for s, r in zip(row_starts, walk.last_rows)]
         width = max(num_drafts) + 1
         tokens = pack_outputs(walk.tokens, width, device=logits.device)
