@@ -1,0 +1,58 @@
+"""Merge the per-method results of several `offline.py` runs into one table and plots.
+
+    python bench/merge_results.py bench/results/A bench/results/B --out bench/results/merged
+
+Useful when methods were run in separate sittings (e.g. a slow configuration re-run with fewer
+batch sizes); each method's rows come from the folder listed first that has them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import (base_tree, copy_latest, default_heads, default_model, make_method,  # noqa: E402
+                    write_json)
+from offline import plots, summarize, table  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("folders", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--latest", default="bench/latest")
+    args = p.parse_args()
+    model, heads = default_model(), default_heads()
+    base, base_src = base_tree(heads, None)
+    runs: list[dict] = []
+    seen: set[str] = set()
+    for folder in args.folders:
+        for f in sorted((folder / "logs").glob("*.json")):
+            if f.name.endswith(".job.json") or f.stem in seen:
+                continue
+            data = json.loads(f.read_text())
+            rows = data if isinstance(data, list) else data.get("runs", [])
+            if rows:
+                seen.add(f.stem)
+                runs += rows
+    order = ["plain", "medusa_chain", "ngram"] + sorted(m for m in seen if m not in ("plain", "medusa_chain", "ngram"))
+    methods = [make_method(n, model, heads, base, base_src) for n in order if n in seen]
+    rows = summarize(methods, runs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "raw.json", {"runs": runs, "folders": [str(f) for f in args.folders]})
+    write_json(args.out / "summary.json", {"rows": rows})
+    text = (f"# Offline benchmark (merged from {', '.join(f.name for f in args.folders)})\n\n"
+            f"model `{Path(model).name}`, heads `{Path(heads).name}`, base tree {base_src} "
+            f"({len(base)} nodes); MT-Bench first turns, 128 max tokens, median tokens/s.\n\n" + table(rows))
+    (args.out / "table.md").write_text(text)
+    pngs = plots(rows, args.out)
+    copy_latest([args.out / "table.md", args.out / "summary.json", *pngs], args.latest)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
