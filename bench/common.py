@@ -92,19 +92,11 @@ def heads_num_heads(heads: str) -> int:
 
 
 def tree_paths(spec: Any, num_heads: int) -> list[list[int]]:
-    """A preset name, chain-N, JSON text, JSON file or list -> breadth-first paths, without the
-    paths deeper than the heads reach (a prefix-closed cut, so still a valid tree)."""
-    from vllm_medusa.trees import PRESETS, MedusaTree, chain, sort_paths
+    """A preset name, chain-N, JSON text, JSON file or list -> paths in the plugin's order (each
+    prefix is a valid tree), without the paths deeper than the heads reach."""
+    from vllm_medusa.trees import MedusaTree, resolve_tree
 
-    if isinstance(spec, str):
-        name = spec.strip()
-        if name in PRESETS:
-            spec = PRESETS[name]
-        elif name.startswith("chain-") and name[6:].isdigit():
-            spec = chain(int(name[6:]))
-        else:
-            spec = json.loads(name if name.startswith("[") else Path(name).read_text())
-    paths = [p for p in sort_paths(spec) if len(p) <= num_heads]
+    paths = [p for p in resolve_tree(spec, num_heads=64).paths if len(p) <= num_heads]
     MedusaTree.from_paths(paths, num_heads)
     return [list(p) for p in paths]
 
