@@ -68,7 +68,8 @@ def _minutes(seconds: float | None) -> str:
 
 
 def write_training_md(out_dir: str | os.PathLike, run: dict[str, Any]) -> Path:
-    """TRAINING.md: exact command, data, settings, stage times, accuracies, predicted acceptance."""
+    """TRAINING.md: exact command, data, settings, stage times, accuracies, predicted acceptance,
+    and any free-form ``notes`` kept in run.json (observations a rerun should not lose)."""
     stages = run.get("stages", {})
     ev = run.get("evaluation") or {}
     data = stages.get("distill", {}).get("data", {})
@@ -134,6 +135,8 @@ def write_training_md(out_dir: str | os.PathLike, run: dict[str, Any]) -> Path:
                   f"`tree.json` is `optimal_tree(accuracies, {ev.get('tree_budget')})`; "
                   "`accuracies.json` holds `accuracies[k][i]`, the per-rank (not cumulative) share of "
                   "positions where head k's (i+1)-th guess is right."]
+    if run.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in run["notes"]]
     out = Path(out_dir) / "TRAINING.md"
     out.write_text("\n".join(lines) + "\n")
     return out
