@@ -18,12 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_medusa.kv_cache import CpuKVLayout
-
-
-def masks_to_dense(masks: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """``[..., rows]`` int64 ancestor bitmasks -> ``[..., rows, num_rows]`` bool."""
-    bits = torch.arange(num_rows, dtype=torch.int64, device=masks.device)
-    return ((masks.unsqueeze(-1) >> bits) & 1).bool()
+from vllm_medusa.trees import masks_to_dense
 
 
 @dataclass

@@ -383,6 +383,12 @@ def _check_finite(source: Path, name: str, t: Tensor) -> None:
         raise _fail(source, f"{name} has {bad} non-finite values (NaN/inf): corrupt or diverged training")
 
 
+def checkpoint_num_heads(path: str | os.PathLike) -> int:
+    """Head count from the tensors alone (no base-model checks), to size a default tree."""
+    source, tensors, config = _locate(Path(path))
+    return _parse_keys(source, tensors, config)[0]
+
+
 def load_medusa_heads(path: str | os.PathLike, *, hidden_size: int, vocab_size: int,
                       dtype: torch.dtype = torch.bfloat16,
                       device: torch.device | str = "cpu") -> MedusaHeads:

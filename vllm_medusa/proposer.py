@@ -129,14 +129,6 @@ class MedusaTreeProposer:
                            "method='custom_class' with this class directly")
 
 
-def checkpoint_num_heads(path: str) -> int:
-    """Head count from the tensors alone (no base-model checks), to size the default tree."""
-    from vllm_medusa.heads import _locate, _parse_keys
-
-    source, tensors, config = _locate(Path(path))
-    return _parse_keys(source, tensors, config)[0]
-
-
 def resolve_medusa_tree(options: MedusaOptions, num_heads: int) -> MedusaTree:
     """The tree from the options, else the heads' calibrated tree, else a chain over all heads."""
     tree = resolve_tree(options.tree, num_heads=num_heads, max_topk=options.max_topk,

@@ -90,7 +90,8 @@ def translate_engine_args(args: Any) -> None:
         return
     from vllm.platforms import current_platform
 
-    from vllm_medusa.proposer import checkpoint_num_heads, heads_default_tree, resolve_medusa_tree
+    from vllm_medusa.heads import checkpoint_num_heads
+    from vllm_medusa.proposer import heads_default_tree, resolve_medusa_tree
 
     raw = dict(spec)
     raw["method"] = METHOD

@@ -38,6 +38,12 @@ MC_SIM_7B_63: list[Path] = [
 ]
 
 
+def masks_to_dense(masks: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``[..., rows]`` int64 ancestor bitmasks -> ``[..., rows, num_rows]`` bool."""
+    bits = torch.arange(num_rows, dtype=torch.int64, device=masks.device)
+    return ((masks.unsqueeze(-1) >> bits) & 1).bool()
+
+
 class TreeError(ValueError):
     """An impossible or malformed tree."""
 
@@ -170,9 +176,7 @@ class MedusaTree:
 
     def dense_mask(self) -> torch.Tensor:
         """``[rows, rows]`` bool: True where row i may attend to row j."""
-        m = self.ancestor_mask_tensor()
-        bits = torch.arange(self.num_rows, dtype=torch.int64)
-        return ((m[:, None] >> bits[None, :]) & 1).bool()
+        return masks_to_dense(self.ancestor_mask_tensor(), self.num_rows)
 
     @cached_property
     def is_chain(self) -> bool:
