@@ -1,7 +1,7 @@
-"""The adaptive tree-size policy: shrinks with load, stops speculating when it cannot pay, and
-corrects its acceptance estimate from what the engine observes."""
+"""The adaptive tree policy: shrinks with load, stops speculating when it cannot pay, corrects its
+acceptance estimate from the engine, and follows measured step rates over its prior."""
 
-from vllm_medusa.policy import StepCostModel, TreeBudgetPolicy
+from vllm_medusa.policy import StepCostModel, TreeBudgetPolicy, batch_bucket, candidate_trees
 from vllm_medusa.trees import MC_SIM_7B_63, MedusaTree
 
 ACC = [[0.6, 0.15, 0.05], [0.45, 0.1, 0.05], [0.35, 0.08, 0.04], [0.3, 0.05, 0.03]]
@@ -11,27 +11,79 @@ def policy(**kw):
     return TreeBudgetPolicy.for_tree(MedusaTree.from_paths(MC_SIM_7B_63), ACC, **kw)
 
 
-def test_tree_shrinks_with_load_and_stops():
+def test_candidates_are_none_chains_and_prefixes():
+    tree = MedusaTree.from_paths(MC_SIM_7B_63)
+    cands = candidate_trees(tree)
+    assert cands[0].num_nodes == 0
+    chains = [c for c in cands if c.is_chain and c.num_nodes]
+    assert [c.num_nodes for c in chains] == [1, 2, 3, 4]
+    assert all(set(c.paths) <= set(tree.paths) for c in cands)
+    assert cands[-1].num_nodes == 63
+    assert len({frozenset(c.paths) for c in cands}) == len(cands)
+
+
+def test_prior_shrinks_with_load_and_stops():
     p = policy()
-    sizes = [p.num_nodes(b) for b in (1, 2, 4, 8, 16, 64)]
+    sizes = [p.prior_choice(b).num_nodes for b in (1, 2, 4, 8, 16, 64)]
     assert sizes == sorted(sizes, reverse=True)
     assert sizes[0] > 0 and sizes[-1] == 0
     for b in (1, 4, 16, 64):
-        assert p.throughput(b, p.num_nodes(b)) >= p.throughput(b, 0)
+        assert p.throughput(b, p.prior_choice(b)) >= p.throughput(b, p.candidates[0])
 
 
 def test_fixed_tree_when_not_adaptive():
-    assert policy(adaptive=False).num_nodes(64) == 63
+    assert policy(adaptive=False).choose(64).num_nodes == 63
 
 
 def test_observed_acceptance_corrects_the_estimate():
     p = policy()
-    before = p.num_nodes(1)
+    before = p.prior_choice(1)
     for _ in range(p.refresh_every):
         p.observe(before, 0)  # the heads never hit
-    assert p.num_nodes(1) < before
+    assert p.prior_choice(1).num_nodes < before.num_nodes
 
 
 def test_expensive_speculation_is_switched_off():
     p = policy(cost=StepCostModel(draft=1.0))
-    assert p.num_nodes(1) == 0
+    assert p.prior_choice(1).num_nodes == 0
+
+
+def run(p, batch, true_rate, steps):
+    """Drive the policy with a simulated engine whose tokens/s per candidate is ``true_rate``."""
+    chosen = []
+    for _ in range(steps):
+        tree = p.choose(batch)
+        chosen.append(tree)
+        rate = true_rate(tree)
+        p.record_step(batch, tree, batch, batch / rate)
+    return chosen
+
+
+def test_measurements_override_a_wrong_prior():
+    """The prior thinks 5-token steps are free; the hardware says speculation loses. The policy
+    must end up not speculating, having spent few steps finding out."""
+    p = policy()
+    assert p.prior_choice(1).num_nodes > 0
+    chosen = run(p, 1, lambda t: 30.0 if t.num_nodes == 0 else 30.0 / (1 + 0.1 * t.num_nodes), 400)
+    tail = chosen[-100:]
+    assert sum(t.num_nodes == 0 for t in tail) >= 85  # the rest are rare probes
+    assert sum(t.num_nodes != 0 for t in chosen) < 120
+
+
+def test_measurements_find_the_best_candidate_and_probes_stay_plausible():
+    """A chain of 2 is fastest; the 63-node tree is never probed at batch 64."""
+    p = policy()
+    best = next(c for c in p.candidates if c.is_chain and c.num_nodes == 2)
+
+    def rate(t):
+        return 40.0 if t is best else 30.0 - 0.1 * t.num_nodes
+
+    chosen = run(p, 1, rate, 400)
+    assert sum(t is best for t in chosen[-100:]) >= 85
+    big = run(p, 64, lambda t: 250.0 / (1 + t.num_nodes), 200)
+    assert max(t.num_nodes for t in big) < 63
+    assert sum(t.num_nodes == 0 for t in big[-50:]) >= 45
+
+
+def test_batch_buckets():
+    assert [batch_bucket(b) for b in (1, 5, 8, 9, 16, 17, 64, 65)] == [1, 5, 8, 16, 16, 32, 64, 128]

@@ -142,6 +142,10 @@ def test_rank_metrics_and_simulated_acceptance():
     tree = [(0,), (1,), (0, 0), (0, 0, 0), (0, 2)]
     # row 0: (0,) (0,0) accepted, (0,0,1) not in tree -> 3; row 1: (1,) -> 2; row 2: (0,2) -> 3; row 3: 1
     assert simulated_acceptance(ranks, tree) == pytest.approx((3 + 2 + 3 + 1) / 4)
+    # stepped, one answer of 4 rows: row 0 accepts 3 tokens -> next step at row 3 (1 token)
+    assert simulated_acceptance(ranks, tree, [4]) == pytest.approx((3 + 1) / 2)
+    # answers of 1 and 3 rows: row 0 is its own answer (one step); rows 1 then 3 -> 2 steps
+    assert simulated_acceptance(ranks, tree, [1, 3]) == pytest.approx((3 + 2 + 1) / 3)
 
 
 @pytest.mark.engine

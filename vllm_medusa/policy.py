@@ -1,15 +1,20 @@
-"""How many tree nodes each request gets per step, so speculation never slows a busy batch.
+"""Which tree each request gets per step, so that speculation never slows a busy batch.
 
-A step that feeds T tokens to the model costs about ``base`` until the hardware's knee, then
-``per_token`` more for each token beyond it (measured: ~31 ms flat up to ~6 tokens, then ~4 ms per
-token for SmolLM2 on a 2-core CPU). Speculating adds the heads (``draft``, about one extra read of
-the vocab projection) and, for branching trees, the tree pass of attention (``per_node`` for each
-node of each request). With B requests each verifying n nodes the step emits ``B * E(n)`` tokens,
-where E(n) is the expected acceptance length of the first n nodes of the tree. The policy picks the
-n (0 = no speculation) that maximises tokens per second for the current B.
+Candidates are "no speculation", chains along the heads' top-1 guesses (no tree pass of attention
+needed) and the first n nodes of the tree for a few n. A step of B decoding requests, each verifying
+a candidate tree t, emits ``B * E(t)`` tokens and takes ``cost(B, t)`` seconds; the policy picks the
+candidate with the most tokens per second for the current B.
 
-E(n) starts from the heads' measured accuracies (``accuracies.json``) and is corrected online by
-what the engine actually accepts, since independent-head estimates run optimistic.
+Two sources for that rate:
+- a *prior*: E(t) from the heads' accuracies (``accuracies.json``; scaled by the acceptance the
+  engine observes, since independent-head estimates run optimistic) over a step-cost model (flat up
+  to the hardware's knee, then per token; ``$VLLM_MEDUSA_COST_PROFILE`` from ``bench/calibrate.py``);
+- *measurement*: the runner reports every pure-decode step's emitted tokens and wall period, and the
+  policy keeps a moving average per (batch bucket, candidate). Measured rates replace the prior,
+  and the prior (rescaled to the measured ones) only decides which untried candidates are worth a
+  probe. Probes are rare and limited to plausible candidates, so a wrong cost model costs a few
+  steps, not the run. This is what makes the policy hardware-independent: on a CPU where 5-token
+  steps are not free, or a GPU where they are, it converges to what is fastest there.
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from vllm_medusa.trees import MedusaTree, expected_acceptance_length
+from vllm_medusa.trees import MedusaTree, chain, expected_acceptance_length
 
 # Accuracy guess used when the heads ship no accuracies.json: a typical Medusa-1 small model.
 _FALLBACK_ACCURACIES = [[0.5, 0.12, 0.05, 0.03], [0.3, 0.1, 0.05, 0.03], [0.2, 0.08, 0.04, 0.02],
                         [0.15, 0.06, 0.03, 0.02], [0.12, 0.05, 0.03, 0.02]]
+_TREE_SIZES = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+_MAX_CHAIN = 4
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,7 @@ class StepCostModel:
     per_token: float = 0.004
     draft: float = 0.006
     per_node: float = 0.0006
+    tree_pass: float = 0.008  # fixed cost of recomputing branching-tree rows in every layer
 
     def cost(self, tokens: int) -> float:
         return self.base + self.per_token * max(0, tokens - self.knee)
@@ -43,15 +51,15 @@ class StepCostModel:
         """A step of ``batch`` requests verifying ``nodes`` nodes each."""
         t = self.cost(batch * (nodes + 1))
         if nodes:
-            t += self.draft + (self.per_node * batch * nodes if branching else 0.0)
+            t += self.draft + (self.tree_pass + self.per_node * batch * nodes if branching else 0.0)
         return t
 
     @staticmethod
     def from_file(path: str) -> "StepCostModel":
         with open(path) as f:
             data = json.load(f)
-        known = {k: data[k] for k in ("base", "knee", "per_token", "draft", "per_node") if k in data}
-        return StepCostModel(**known)
+        keys = ("base", "knee", "per_token", "draft", "per_node", "tree_pass")
+        return StepCostModel(**{k: data[k] for k in keys if k in data})
 
     @staticmethod
     def default() -> "StepCostModel":
@@ -60,63 +68,154 @@ class StepCostModel:
         return StepCostModel.from_file(path) if path else StepCostModel()
 
 
+def candidate_trees(tree: MedusaTree, num_heads: int | None = None) -> list[MedusaTree]:
+    """No speculation, top-1 chains (up to 4 deep, as many as the heads allow) and prefixes of the
+    tree (smallest first)."""
+    out = [tree.truncate(0)]
+    for d in range(1, min(_MAX_CHAIN, num_heads or tree.depth) + 1):
+        out.append(MedusaTree(tuple(chain(d))))
+    for n in [*_TREE_SIZES, tree.num_nodes]:
+        if n <= tree.num_nodes:
+            out.append(tree.truncate(n))
+    unique: dict[frozenset, MedusaTree] = {}
+    for t in out:
+        unique.setdefault(frozenset(t.paths), t)
+    return sorted(unique.values(), key=lambda t: (t.num_nodes, not t.is_chain))
+
+
+def batch_bucket(batch: int) -> int:
+    """Exact up to 8 requests, then powers of two: step costs change slowly at high batch."""
+    return batch if batch <= 8 else 1 << (batch - 1).bit_length()
+
+
+@dataclass
+class _Arm:
+    rate: float = 0.0  # moving average of tokens per second
+    count: int = 0
+
+
+@dataclass
+class _Bucket:
+    arms: dict[int, _Arm] = field(default_factory=dict)  # candidate index -> measurements
+    steps: int = 0
+
+
 @dataclass
 class TreeBudgetPolicy:
     tree: MedusaTree
     accuracies: Sequence[Sequence[float]]
     cost: StepCostModel = field(default_factory=StepCostModel.default)
     adaptive: bool = True
-    refresh_every: int = 256  # tree steps between re-estimates from observed acceptance
-    _memo: dict[int, int] = field(default_factory=dict, repr=False)
-    _observed: dict[int, list[float]] = field(default_factory=dict, repr=False)
+    refresh_every: int = 256  # tree steps between re-estimates of the acceptance scale
+    min_samples: int = 4  # measured steps before a candidate's measurement replaces its prior
+    probe_every: int = 16  # once measured, one re-probe of a neighbour in this many steps
+    plausible: float = 0.85  # probe candidates whose rescaled prior is within this of the best
+    smoothing: float = 0.2
+    num_heads: int | None = None  # chains may go this deep (default: the tree's depth)
+    candidates: list[MedusaTree] = field(init=False)
+    _buckets: dict[int, _Bucket] = field(default_factory=dict, repr=False)
+    _prior: dict[tuple[int, int], float] = field(default_factory=dict, repr=False)
+    _lengths: dict[tuple, float] = field(default_factory=dict, repr=False)
+    _seen: float = 0.0
+    _predicted: float = 0.0
     _since_refresh: int = 0
     _scale: float = 1.0
 
+    def __post_init__(self) -> None:
+        self.candidates = candidate_trees(self.tree, self.num_heads)
+
     @staticmethod
     def for_tree(tree: MedusaTree, accuracies: Sequence[Sequence[float]] | None,
-                 adaptive: bool = True, cost: StepCostModel | None = None) -> "TreeBudgetPolicy":
+                 adaptive: bool = True, cost: StepCostModel | None = None,
+                 num_heads: int | None = None) -> "TreeBudgetPolicy":
         return TreeBudgetPolicy(tree, accuracies or _FALLBACK_ACCURACIES,
-                                cost or StepCostModel.default(), adaptive)
+                                cost or StepCostModel.default(), adaptive, num_heads=num_heads)
 
-    def predicted_length(self, num_nodes: int) -> float:
-        return expected_acceptance_length(self.tree.truncate(num_nodes), self.accuracies)
-
-    def expected_length(self, num_nodes: int) -> float:
+    # -- the prior -----------------------------------------------------------------------------
+    def expected_length(self, tree: MedusaTree) -> float:
         """Predicted acceptance length, with its speculative part scaled by observation."""
-        if num_nodes == 0:
+        if tree.num_nodes == 0:
             return 1.0
-        return 1.0 + (self.predicted_length(num_nodes) - 1.0) * self._scale
+        return 1.0 + (expected_acceptance_length(tree, self.accuracies) - 1.0) * self._scale
 
-    def throughput(self, batch: int, num_nodes: int) -> float:
-        """Expected tokens per second with ``num_nodes`` nodes for each of ``batch`` requests."""
-        branching = not self.tree.truncate(num_nodes).is_chain
-        return batch * self.expected_length(num_nodes) / self.cost.step(batch, num_nodes, branching)
+    def throughput(self, batch: int, tree: MedusaTree) -> float:
+        """Prior tokens per second with ``tree`` for each of ``batch`` requests."""
+        return (batch * self.expected_length(tree)
+                / self.cost.step(batch, tree.num_nodes, not tree.is_chain))
 
-    def num_nodes(self, batch: int) -> int:
-        """Nodes per request for a step with ``batch`` decoding requests."""
+    def _prior_rate(self, batch: int, index: int) -> float:
+        key = (batch, index)
+        if key not in self._prior:
+            self._prior[key] = self.throughput(batch, self.candidates[index])
+        return self._prior[key]
+
+    # -- choosing ------------------------------------------------------------------------------
+    def choose(self, batch: int) -> MedusaTree:
+        """The tree for each of ``batch`` decoding requests in the next step."""
         if not self.adaptive:
-            return self.tree.num_nodes
-        batch = max(batch, 1)
-        if batch not in self._memo:
-            self._memo[batch] = max(range(self.tree.num_nodes + 1),
-                                    key=lambda n: (self.throughput(batch, n), -n))
-        return self._memo[batch]
+            return self.tree
+        return self.candidates[self._choose_index(max(batch, 1))]
 
-    def observe(self, num_nodes: int, accepted: int) -> None:
-        """One verified tree of ``num_nodes`` nodes accepted ``accepted`` of them."""
-        if num_nodes == 0:
+    def prior_choice(self, batch: int) -> MedusaTree:
+        """What the prior alone would pick (no measurement, no probing)."""
+        if not self.adaptive:
+            return self.tree
+        rates = [self._prior_rate(max(batch, 1), i) for i in range(len(self.candidates))]
+        return self.candidates[max(range(len(rates)), key=lambda i: (rates[i], -i))]
+
+    def _scores(self, batch: int, bucket: _Bucket) -> list[float]:
+        """Measured rate where there are enough samples, else the prior rescaled to measurements."""
+        priors = [self._prior_rate(batch, i) for i in range(len(self.candidates))]
+        measured = [(a.rate, priors[i]) for i, a in bucket.arms.items() if a.count >= self.min_samples]
+        ratios = sorted(m / p for m, p in measured if p > 0)
+        scale = ratios[len(ratios) // 2] if ratios else 1.0
+        return [a.rate if (a := bucket.arms.get(i)) and a.count >= self.min_samples else p * scale
+                for i, p in enumerate(priors)]
+
+    def _choose_index(self, batch: int) -> int:
+        bucket = self._buckets.setdefault(batch_bucket(batch), _Bucket())
+        bucket.steps += 1
+        scores = self._scores(batch, bucket)
+        best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+        # Probe the best one's neighbours (so a prior with the wrong shape is walked away from) and
+        # any candidate the rescaled prior finds plausible, until each has a measurement.
+        neighbours = [i for i in (best - 1, best + 1) if 0 <= i < len(scores)]
+        plausible = [i for i in range(len(scores)) if scores[i] >= self.plausible * scores[best]]
+        untried = [i for i in dict.fromkeys(neighbours + plausible) if i != best
+                   and bucket.arms.get(i, _Arm()).count < self.min_samples]
+        if untried and bucket.steps % 2 == 0:
+            return max(untried, key=lambda i: scores[i])
+        if not untried and bucket.steps % self.probe_every == 0:
+            # Keep the neighbours' measurements fresh: costs drift with context length.
+            return neighbours[(bucket.steps // self.probe_every) % len(neighbours)] if neighbours else best
+        return best
+
+    # -- feedback ------------------------------------------------------------------------------
+    def record_step(self, batch: int, tree: MedusaTree, tokens: int, seconds: float) -> None:
+        """A pure-decode step of ``batch`` requests that were given ``tree`` emitted ``tokens`` in
+        ``seconds`` (its wall period, scheduling included)."""
+        if not self.adaptive or seconds <= 0:
             return
-        stat = self._observed.setdefault(num_nodes, [0.0, 0.0])
-        stat[0] += accepted
-        stat[1] += 1
+        try:
+            index = next(i for i, c in enumerate(self.candidates) if c is tree)
+        except StopIteration:
+            return
+        arm = self._buckets.setdefault(batch_bucket(batch), _Bucket()).arms.setdefault(index, _Arm())
+        rate = tokens / seconds
+        arm.rate = rate if arm.count == 0 else arm.rate + self.smoothing * (rate - arm.rate)
+        arm.count += 1
+
+    def observe(self, tree: MedusaTree, accepted: int) -> None:
+        """One verified ``tree`` accepted ``accepted`` of its nodes."""
+        if tree.num_nodes == 0:
+            return
+        self._seen += accepted
+        if tree.paths not in self._lengths:
+            self._lengths[tree.paths] = expected_acceptance_length(tree, self.accuracies)
+        self._predicted += self._lengths[tree.paths] - 1.0
         self._since_refresh += 1
         if self._since_refresh >= self.refresh_every:
-            self._refresh()
-
-    def _refresh(self) -> None:
-        seen = sum(acc for acc, _ in self._observed.values())
-        predicted = sum((self.predicted_length(n) - 1.0) * cnt for n, (_, cnt) in self._observed.items())
-        if predicted > 0:
-            self._scale = min(max(seen / predicted, 0.05), 2.0)
-        self._since_refresh = 0
-        self._memo.clear()
+            if self._predicted > 0:
+                self._scale = min(max(self._seen / self._predicted, 0.05), 2.0)
+            self._since_refresh = 0
+            self._prior.clear()

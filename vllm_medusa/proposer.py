@@ -81,26 +81,27 @@ class MedusaTreeProposer:
         self.compute_logits = getattr(target_model, "compute_logits", None)
         self.tree = resolve_medusa_tree(self.options, self.heads.num_heads)
         self.policy = TreeBudgetPolicy.for_tree(self.tree, heads_accuracies(self.options.heads),
-                                                adaptive=self.options.adaptive)
+                                                adaptive=self.options.adaptive,
+                                                num_heads=self.heads.num_heads)
         logger.info("Medusa tree drafter: %s, tree of %d nodes (depth %d), acceptance=%s, adaptive=%s",
                     self.heads.extra_repr(), self.tree.num_nodes, self.tree.depth,
                     self.options.acceptance, self.options.adaptive)
 
-    def step_num_nodes(self, num_decoding: int) -> int:
-        """Nodes per request this step, from the load (the adaptive policy) or the fixed tree."""
+    def step_tree(self, num_decoding: int) -> MedusaTree:
+        """The tree for the next step, from the load (the adaptive policy) or the fixed tree."""
         assert self.policy is not None
-        return self.policy.num_nodes(num_decoding)
+        return self.policy.choose(num_decoding)
 
     @torch.inference_mode()
-    def propose_trees(self, hidden: torch.Tensor, num_nodes: Sequence[int]
+    def propose_trees(self, hidden: torch.Tensor, tree: MedusaTree, num_nodes: Sequence[int]
                       ) -> tuple[list[list[int]], list[MedusaTree]]:
         """Per request b: draft tokens and tree, from hidden states ``[B, H]`` of the last accepted
-        tokens, with ``num_nodes[b]`` nodes (the step's budget, cut by what the request may still
-        emit). Requests in one batch may get trees of different sizes; the scheduler may cut each one
+        tokens: the step's ``tree`` cut to ``num_nodes[b]`` nodes (what the request may still emit).
+        Requests in one batch may get trees of different sizes; the scheduler may cut each one
         shorter again (token budget, max_model_len), which keeps a valid subtree.
         """
-        assert self.heads is not None and self.tree is not None
-        trees = [self.tree.truncate(n) for n in num_nodes]
+        assert self.heads is not None
+        trees = [tree.truncate(n) for n in num_nodes]
         widest = max(trees, key=lambda t: t.num_nodes, default=None)
         if widest is None or widest.num_nodes == 0:
             return [[] for _ in trees], trees

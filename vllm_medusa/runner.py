@@ -98,6 +98,52 @@ def _timed(stats: "MedusaStats", phase: str):
 
 
 TREE_ATTENTION = _TreeAttentionState()
+
+
+class StepClock:
+    """Wall period of each pure-decode step, reported to the policy with the tokens it emitted.
+
+    A step's period runs from its start to the next step's start, so scheduling and IPC are paid
+    for too. Only steps where every request decodes (no prefill, no resumed request) and the batch
+    is the one the tree was chosen for are reported; an idle gap before the next step (no work) is
+    replaced by the usual gap.
+    """
+
+    def __init__(self) -> None:
+        self.start = 0.0
+        self.pure = False
+        self.batch = 0
+        self.chosen: tuple[int, MedusaTree] | None = None  # (batch, tree) picked for this step
+        self.pending: tuple[int, MedusaTree, int, float, float] | None = None
+        self.gap = 0.0
+
+    def classify(self, scheduler_output) -> None:
+        spec = sum(len(d) for d in scheduler_output.scheduled_spec_decode_tokens.values())
+        n = len(scheduler_output.num_scheduled_tokens)
+        self.batch = n
+        self.pure = (not scheduler_output.scheduled_new_reqs
+                     and scheduler_output.total_num_scheduled_tokens == n + spec)
+
+    def step_started(self, policy) -> None:
+        now = time.perf_counter()
+        if self.pending is not None and policy is not None:
+            batch, tree, tokens, start, end = self.pending
+            gap = now - end
+            if self.gap and gap > 3 * self.gap + 0.002:
+                gap = self.gap  # the engine idled: no work between the steps
+            else:
+                self.gap = gap if not self.gap else 0.9 * self.gap + 0.1 * gap
+            policy.record_step(batch, tree, tokens, end - start + gap)
+        self.pending = None
+        self.start = now
+        self.pure = False
+
+    def step_done(self, batch: int, tree: MedusaTree | None, tokens: int) -> None:
+        """Drafting finished: ``tree`` was chosen for the next step of ``batch`` requests; this
+        step's requests emitted ``tokens``."""
+        if self.chosen is not None and self.pure and self.batch == self.chosen[0] == batch:
+            self.pending = (batch, self.chosen[1], tokens, self.start, time.perf_counter())
+        self.chosen = (batch, tree) if tree is not None else None
 _LAYOUTS: dict[tuple, CpuKVLayout] = {}
 
 
@@ -167,6 +213,7 @@ class MedusaTreeRunnerMixin:
         self._medusa_step: _StepTrees | None = None
         self._medusa_last_rows: list[int] | None = None
         self.medusa_stats = MedusaStats()
+        self._medusa_clock = StepClock()
         opts = self.drafter.options
         self._medusa_typical = (TypicalAcceptance(opts.posterior_threshold, opts.posterior_alpha)
                                 if opts.acceptance == "typical" else None)
@@ -174,6 +221,7 @@ class MedusaTreeRunnerMixin:
     # -- inputs --------------------------------------------------------------------------------
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
+        self._medusa_clock.classify(scheduler_output)
         with _timed(self.medusa_stats, "tree_rows"):
             self._medusa_step = self._medusa_tree_rows(scheduler_output)
         TREE_ATTENTION.batch = self._medusa_step.attention
@@ -219,6 +267,7 @@ class MedusaTreeRunnerMixin:
                                         [e[2] for e in branching], blocks, bs, device=self.device)
 
     def execute_model(self, *args, **kwargs):
+        self._medusa_clock.step_started(self.drafter.policy)
         TREE_ATTENTION.seconds = 0.0
         self.medusa_stats.steps += 1
         try:
@@ -271,7 +320,7 @@ class MedusaTreeRunnerMixin:
         policy = self.drafter.policy
         for tree, rows in zip(step.trees, walk.accepted_rows):
             if tree is not None:
-                policy.observe(tree.num_nodes, len(rows))
+                policy.observe(tree, len(rows))
         self._medusa_last_rows = [s + r for s, r in zip(row_starts, walk.last_rows)]
         width = max(num_drafts) + 1
         tokens = pack_outputs(walk.tokens, width, device=logits.device)
@@ -306,16 +355,19 @@ class MedusaTreeRunnerMixin:
                   and not _uses_structured_output(self.requests[batch.req_ids[b]])]
         drafts: list[list[int]] = [[] for _ in range(num_reqs)]
         if not active:
+            self._medusa_clock.step_done(0, None, 0)
             return drafts
-        budget = self.drafter.step_num_nodes(len(active))
-        caps = [min(budget, self._medusa_room(batch.req_ids[b])) for b in active]
+        step_tree = self.drafter.step_tree(len(active))
+        caps = [min(step_tree.num_nodes, self._medusa_room(batch.req_ids[b])) for b in active]
         hidden = sample_hidden_states[torch.tensor([rows[b] for b in active],
                                                    device=sample_hidden_states.device)]
         with _timed(self.medusa_stats, "heads_and_tree"):
-            proposed, trees = self.drafter.propose_trees(hidden, caps)
+            proposed, trees = self.drafter.propose_trees(hidden, step_tree, caps)
         for b, d, tree in zip(active, proposed, trees):
             drafts[b] = d
             self._medusa_trees[batch.req_ids[b]] = tree
+        self._medusa_clock.step_done(len(active), step_tree,
+                                     sum(len(sampled_token_ids[b]) for b in active))
         return drafts
 
     def _medusa_room(self, req_id: str) -> int:

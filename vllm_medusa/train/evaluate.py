@@ -51,16 +51,22 @@ def evaluate_heads(model: str | os.PathLike, heads_dir: str | os.PathLike, featu
     vocab, hidden = feats.lm_head.shape
     heads = load_medusa_heads(heads_dir, hidden_size=hidden, vocab_size=vocab, dtype=torch.bfloat16)
     targets = feats.targets(heads.num_heads)
+    all_ranks = head_ranks(heads, feats.hidden, targets,
+                           feats.lm_head if heads.shared_lm_head else None, topk=TOPK)
     rows = (targets[:, 0] != IGNORE).nonzero().squeeze(1)
-    ranks = head_ranks(heads, feats.hidden[rows], targets[rows],
-                       feats.lm_head if heads.shared_lm_head else None, topk=TOPK)
+    ranks = all_ranks[rows]
     acc = rank_accuracies(ranks, TOPK)
+
+    def stepped(t: Sequence[Sequence[int]]) -> float:
+        return simulated_acceptance(all_ranks, t, feats.lengths)
+
     tree = optimal_tree(acc, tree_budget)
     per_budget = {}
     for b in budgets:
         t = optimal_tree(acc, b)
         per_budget[b] = {"nodes": len(t), "predicted": expected_acceptance_length(t, acc),
-                         "simulated": simulated_acceptance(ranks, t)}
+                         "simulated": simulated_acceptance(ranks, t),
+                         "per_step": stepped(t)}
     chain = [tuple([0] * d) for d in range(1, heads.num_heads + 1)]
     result = {
         "model": str(model), "heads": str(heads_dir), "positions": int(len(rows)),
@@ -68,8 +74,10 @@ def evaluate_heads(model: str | os.PathLike, heads_dir: str | os.PathLike, featu
         "tree_budget": tree_budget, "tree": [list(p) for p in tree],
         "tree_predicted": expected_acceptance_length(tree, acc),
         "tree_simulated": simulated_acceptance(ranks, tree),
+        "tree_per_step": stepped(tree),
         "chain_predicted": expected_acceptance_length(chain, acc),
         "chain_simulated": simulated_acceptance(ranks, chain),
+        "chain_per_step": stepped(chain),
         "budgets": per_budget,
     }
     if write:
@@ -85,13 +93,15 @@ def format_result(result: dict[str, Any], show_topk: int = 5) -> str:
              "head  " + "  ".join(f"top{i + 1:<2}" for i in range(show_topk))]
     for k, row in enumerate(result["topk"]):
         lines.append(f"{k:>4}  " + "  ".join(f"{a:.3f}" for a in row[:show_topk]))
-    lines.append("budget  nodes  predicted  simulated   (mean accepted tokens per step, incl. the base token)")
+    lines.append("budget  nodes  predicted  per position  per step   (mean accepted tokens, incl. the base token)")
     for b, r in result["budgets"].items():
-        lines.append(f"{b:>6}  {r['nodes']:>5}  {r['predicted']:>9.3f}  {r['simulated']:>9.3f}")
+        lines.append(f"{b:>6}  {r['nodes']:>5}  {r['predicted']:>9.3f}  {r['simulated']:>12.3f}  "
+                     f"{r.get('per_step', float('nan')):>8.3f}")
     lines.append(f"chain of {len(result['topk'])} (upstream vLLM Medusa): predicted "
-                 f"{result['chain_predicted']:.3f}, simulated {result['chain_simulated']:.3f}")
+                 f"{result['chain_predicted']:.3f}, per position {result['chain_simulated']:.3f}, "
+                 f"per step {result.get('chain_per_step', float('nan')):.3f}")
     lines.append(f"default tree ({len(result['tree'])} nodes): predicted {result['tree_predicted']:.3f}, "
-                 f"simulated {result['tree_simulated']:.3f}")
+                 f"per position {result['tree_simulated']:.3f}, per step {result.get('tree_per_step', float('nan')):.3f}")
     return "\n".join(lines)
 
 

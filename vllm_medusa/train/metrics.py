@@ -71,19 +71,37 @@ def cumulative(accuracies: Sequence[Sequence[float]]) -> list[list[float]]:
     return out
 
 
-def simulated_acceptance(ranks: torch.Tensor, tree: Sequence[Sequence[int]]) -> float:
+def _accepted_depth(row: Sequence[int], nodes: set[tuple[int, ...]], depth_max: int) -> int:
+    d = 0
+    while d < depth_max and row[d] >= 0 and tuple(row[:d + 1]) in nodes:
+        d += 1
+    return d
+
+
+def simulated_acceptance(ranks: torch.Tensor, tree: Sequence[Sequence[int]],
+                         lengths: Sequence[int] | torch.Tensor | None = None) -> float:
     """Mean accepted length (accepted nodes + the base model's own token) of ``tree`` on real data.
 
-    At each position the tree accepts the deepest node whose every step holds the true token, which
-    measures the tree without the independence assumption of ``expected_acceptance_length``. Rows
-    where a needed head has no target (end of an answer) count only their valid depth.
+    Without ``lengths``: the mean over every position (the tree accepts the deepest node whose every
+    step holds the true token; no independence assumption). With ``lengths`` (rows per answer, in
+    order): decoding is replayed step by step, jumping over accepted tokens, which is what the engine
+    reports. The two differ because easy stretches are crossed in fewer steps, so per step the heads
+    see the hard positions more often than per position. Rows where a needed head has no target (end
+    of an answer) count only their valid depth.
     """
     nodes = {tuple(p) for p in tree}
     depth_max = max((len(p) for p in tree), default=0)
-    total = 0
-    for row in ranks.tolist():
-        d = 0
-        while d < depth_max and row[d] >= 0 and tuple(row[:d + 1]) in nodes:
-            d += 1
-        total += 1 + d
-    return total / max(ranks.shape[0], 1)
+    rows = ranks.tolist()
+    if lengths is None:
+        total = sum(1 + _accepted_depth(r, nodes, depth_max) for r in rows)
+        return total / max(len(rows), 1)
+    tokens = steps = start = 0
+    for n in (int(x) for x in lengths):
+        j = 0
+        while j < n:
+            d = _accepted_depth(rows[start + j], nodes, depth_max)
+            tokens += 1 + d
+            steps += 1
+            j += 1 + d
+        start += n
+    return tokens / max(steps, 1)

@@ -129,9 +129,12 @@ def write_training_md(out_dir: str | os.PathLike, run: dict[str, Any]) -> Path:
     if ev:
         lines += ["", "## MT-Bench held-out accuracy and acceptance", "",
                   "Top-k is cumulative (true token among the head's k best guesses). *Predicted* is "
-                  "`trees.expected_acceptance_length` (independent heads); *simulated* walks each tree "
-                  "on the real held-out positions. Both count the base model's own token, so a "
-                  "step without speculation is 1.0.", "", "```", format_result(ev), "```", "",
+                  "`trees.expected_acceptance_length` (independent heads, per position); *per position* "
+                  "walks each tree on every real held-out position; *per step* replays greedy "
+                  "decoding step by step, jumping over accepted tokens: that is what the engine "
+                  "reports as mean acceptance length, and it is lower because easy stretches are "
+                  "crossed in fewer steps. All count the base model's own token, so a step without "
+                  "speculation is 1.0.", "", "```", format_result(ev), "```", "",
                   f"`tree.json` is `optimal_tree(accuracies, {ev.get('tree_budget')})`; "
                   "`accuracies.json` holds `accuracies[k][i]`, the per-rank (not cumulative) share of "
                   "positions where head k's (i+1)-th guess is right."]
