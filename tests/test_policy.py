@@ -65,9 +65,8 @@ def test_measurements_override_a_wrong_prior():
     p = policy()
     assert p.prior_choice(1).num_nodes > 0
     chosen = run(p, 1, lambda t: 30.0 if t.num_nodes == 0 else 30.0 / (1 + 0.1 * t.num_nodes), 400)
-    tail = chosen[-100:]
-    assert sum(t.num_nodes == 0 for t in tail) >= 85  # the rest are rare probes
-    assert sum(t.num_nodes != 0 for t in chosen) < 120
+    # Converged within 150 steps; afterwards only rare probes of the neighbour (chain-1).
+    assert sum(t.num_nodes != 0 for t in chosen[150:]) <= 25
 
 
 def test_measurements_find_the_best_candidate_and_probes_stay_plausible():

@@ -90,8 +90,16 @@ def batch_bucket(batch: int) -> int:
 
 @dataclass
 class _Arm:
-    rate: float = 0.0  # moving average of tokens per second
+    """Exponentially decayed sums of emitted tokens and seconds: rate = tokens / seconds (a ratio
+    of sums, not a mean of per-step ratios, which acceptance noise would bias)."""
+
+    tokens: float = 0.0
+    seconds: float = 0.0
     count: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
 @dataclass
@@ -107,10 +115,11 @@ class TreeBudgetPolicy:
     cost: StepCostModel = field(default_factory=StepCostModel.default)
     adaptive: bool = True
     refresh_every: int = 256  # tree steps between re-estimates of the acceptance scale
-    min_samples: int = 4  # measured steps before a candidate's measurement replaces its prior
+    min_samples: int = 16  # measured steps before a candidate's measurement replaces its prior
     probe_every: int = 16  # once measured, one re-probe of a neighbour in this many steps
     plausible: float = 0.85  # probe candidates whose rescaled prior is within this of the best
-    smoothing: float = 0.2
+    neighbour_floor: float = 0.7  # ... and the larger neighbour of the best unless far worse
+    decay: float = 1 - 1 / 64  # measurements fade over ~64 steps (costs drift with context)
     num_heads: int | None = None  # chains may go this deep (default: the tree's depth)
     candidates: list[MedusaTree] = field(init=False)
     _buckets: dict[int, _Bucket] = field(default_factory=dict, repr=False)
@@ -178,8 +187,11 @@ class TreeBudgetPolicy:
         scores = self._scores(batch, bucket)
         best = max(range(len(scores)), key=lambda i: (scores[i], -i))
         # Probe the best one's neighbours (so a prior with the wrong shape is walked away from) and
-        # any candidate the rescaled prior finds plausible, until each has a measurement.
-        neighbours = [i for i in (best - 1, best + 1) if 0 <= i < len(scores)]
+        # any candidate the rescaled prior finds plausible, until each has a measurement. The
+        # smaller neighbour is always worth a look (it is cheaper); the larger one only if the prior
+        # does not rule it out, so a busy batch is not slowed by probing big trees.
+        neighbours = [i for i in (best - 1, best + 1) if 0 <= i < len(scores)
+                      and (i < best or scores[i] >= self.neighbour_floor * scores[best])]
         plausible = [i for i in range(len(scores)) if scores[i] >= self.plausible * scores[best]]
         untried = [i for i in dict.fromkeys(neighbours + plausible) if i != best
                    and bucket.arms.get(i, _Arm()).count < self.min_samples]
@@ -189,6 +201,14 @@ class TreeBudgetPolicy:
             # Keep the neighbours' measurements fresh: costs drift with context length.
             return neighbours[(bucket.steps // self.probe_every) % len(neighbours)] if neighbours else best
         return best
+
+    def summary(self) -> dict[str, dict[str, dict[str, float]]]:
+        """Per batch bucket, per measured candidate (``chain-N``/``tree-N``/``none``): tokens/s, samples."""
+        def name(t: MedusaTree) -> str:
+            return "none" if t.num_nodes == 0 else f"{'chain' if t.is_chain else 'tree'}-{t.num_nodes}"
+        return {str(b): {name(self.candidates[i]): {"tok_s": round(a.rate, 1), "steps": a.count}
+                         for i, a in sorted(bucket.arms.items())}
+                for b, bucket in sorted(self._buckets.items())}
 
     # -- feedback ------------------------------------------------------------------------------
     def record_step(self, batch: int, tree: MedusaTree, tokens: int, seconds: float) -> None:
@@ -201,8 +221,8 @@ class TreeBudgetPolicy:
         except StopIteration:
             return
         arm = self._buckets.setdefault(batch_bucket(batch), _Bucket()).arms.setdefault(index, _Arm())
-        rate = tokens / seconds
-        arm.rate = rate if arm.count == 0 else arm.rate + self.smoothing * (rate - arm.rate)
+        arm.tokens = arm.tokens * self.decay + tokens
+        arm.seconds = arm.seconds * self.decay + seconds
         arm.count += 1
 
     def observe(self, tree: MedusaTree, accepted: int) -> None:

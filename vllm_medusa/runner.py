@@ -386,7 +386,9 @@ class MedusaWorkerMixin:
 
     def medusa_stats(self) -> dict:
         stats = self.model_runner.medusa_stats
-        return {**asdict(stats), "mean_acceptance_length": stats.mean_acceptance_length}
+        policy = self.model_runner.drafter.policy
+        return {**asdict(stats), "mean_acceptance_length": stats.mean_acceptance_length,
+                "policy": policy.summary() if policy is not None else {}}
 
 
 def _uses_structured_output(state) -> bool:
