@@ -4,11 +4,14 @@
     .venv/bin/python bench/offline.py --smoke         # seconds of generation, for tests
     .venv/bin/python bench/offline.py --methods plain,tree-8 --batch-sizes 1,4 --repeats 1
 
-Every method is one engine, started in its own child process and gone before the next starts, so
-engines never compete for the cores and a method that crashes costs only its own rows. Inside a
-child: one warm-up per temperature (not measured), then for every batch size x temperature x repeat
-one `LLM.generate` over the first B MT-Bench prompts, timed on the wall clock. Quoted figures are
-medians over repeats; acceptance comes from vLLM's spec-decode counters summed over repeats.
+Every method is one engine in its own child process; a method that crashes costs only its own rows.
+Engines run in groups (`--concurrent`, default 4 alive at once, plain decoding in every group): they
+start one at a time, warm up (one generate per temperature, not measured), then every batch size x
+temperature x repeat is run on each engine of the group in turn - one `LLM.generate` over the first
+B MT-Bench prompts, timed on the wall clock, while the other engines idle. The order rotates with the
+repeat. So a drift of the shared machine hits every method alike, and each ratio is to the plain runs
+of the same group. Quoted figures are medians over repeats; acceptance comes from vLLM's spec-decode
+counters summed over repeats.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import hashlib
 import json
 import os
 import platform
+import queue
 import signal
 import subprocess
 import sys
@@ -38,7 +42,8 @@ DEFAULTS = dict(methods=DEFAULT_METHODS, batch_sizes="1,4,16,64", temperatures="
                 max_tokens=128, num_prompts=80, latest=str(BENCH / "latest"))
 SMOKE = dict(methods="plain,tree-4", batch_sizes="1,2", temperatures="0,0.7", repeats=1,
              max_tokens=8, num_prompts=2, latest=None)
-PROGRESS = "@@bench-progress"
+READY = "@@bench-ready "
+RESULT = "@@bench-result "
 WARMUP_PROMPT = "Write one sentence about the sea."  # unrelated to MT-Bench
 
 
@@ -61,7 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=False,
                    help="off by default: repeats would otherwise skip the prefill of repeat 1")
     p.add_argument("--engine-args", type=json.loads, default={}, help="extra LLM(...) kwargs as JSON")
-    p.add_argument("--method-timeout", type=float, default=None, help="seconds before a method is killed")
+    p.add_argument("--method-timeout", type=float, default=None,
+                   help="seconds an engine may take to start or to answer one configuration")
+    p.add_argument("--concurrent", type=int, default=4,
+                   help="engines alive at once (plain counts; it joins every group); runs are "
+                        "interleaved among them. 1 = one method at a time (default 4)")
     p.add_argument("--name", help="results folder name under bench/results/ (default: a timestamp)")
     p.add_argument("--out", help="results folder (overrides --name)")
     p.add_argument("--latest", help="also copy table, summary and plots here (default bench/latest; "
@@ -120,6 +129,7 @@ def tpot_ms(output: Any) -> float | None:
 
 
 def worker(job_file: str) -> None:
+    """One engine; runs one configuration per command line on stdin, answers with a RESULT line."""
     job = json.loads(Path(job_file).read_text())
     import vllm
     from vllm import LLM, SamplingParams
@@ -131,69 +141,149 @@ def worker(job_file: str) -> None:
     pool = bench_prompts(job["model"], job["num_prompts"])
     for t in job["temperatures"]:
         llm.generate([WARMUP_PROMPT] * 2, SamplingParams(temperature=t, max_tokens=16), use_tqdm=False)
-    runs = []
-    for b in job["batch_sizes"]:
-        for t in job["temperatures"]:
-            params = SamplingParams(temperature=t, max_tokens=job["max_tokens"], ignore_eos=False)
-            for r in range(job["repeats"]):
-                before = read_counters(llm, medusa)
-                t0 = time.perf_counter()
-                outs = llm.generate(take(pool, b), params, use_tqdm=False)
-                elapsed = time.perf_counter() - t0
-                spec = diff_counters(read_counters(llm, medusa), before)
-                tokens = [len(o.outputs[0].token_ids) for o in outs]
-                runs.append({
-                    "method": job["method"], "batch_size": b, "temperature": t, "repeat": r,
-                    "elapsed_s": elapsed, "output_tokens": sum(tokens), "tokens_per_s": sum(tokens) / elapsed,
-                    "tpot_ms": median([tpot_ms(o) for o in outs]), **spec,
-                    "output_hashes": [hashlib.sha1(str(list(o.outputs[0].token_ids)).encode()).hexdigest()[:12]
-                                      for o in outs],
-                })
-                # After every run, so a method that dies at batch 64 still reports batches 1..16.
-                write_json(Path(job["result"]), {"vllm_version": vllm.__version__, "engine_start_s": start_s,
-                                                 "runs": runs})
-                print(PROGRESS, flush=True)
+    print(READY, json.dumps({"vllm_version": vllm.__version__, "engine_start_s": start_s}), flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd.get("quit"):
+            break
+        b, t = cmd["batch_size"], cmd["temperature"]
+        params = SamplingParams(temperature=t, max_tokens=job["max_tokens"], ignore_eos=False)
+        before = read_counters(llm, medusa)
+        t0 = time.perf_counter()
+        outs = llm.generate(take(pool, b), params, use_tqdm=False)
+        elapsed = time.perf_counter() - t0
+        spec = diff_counters(read_counters(llm, medusa), before)
+        tokens = [len(o.outputs[0].token_ids) for o in outs]
+        run = {"method": job["method"], "group": job["group"], "batch_size": b, "temperature": t,
+               "repeat": cmd["repeat"], "elapsed_s": elapsed, "output_tokens": sum(tokens),
+               "tokens_per_s": sum(tokens) / elapsed, "tpot_ms": median([tpot_ms(o) for o in outs]), **spec,
+               "output_hashes": [hashlib.sha1(str(list(o.outputs[0].token_ids)).encode()).hexdigest()[:12]
+                                 for o in outs]}
+        if medusa:  # what the adaptive policy has measured so far (tokens/s per candidate)
+            run["policy"] = llm.collective_rpc("medusa_stats")[0].get("policy", {})
+        print(RESULT, json.dumps(run), flush=True)
 
 
-# ---- parent: one child per method, then summary, table, plots -------------------------------------
+# ---- parent: engines in groups, configurations interleaved, then summary, table, plots -------------
 
-def run_method(method: Method, args: argparse.Namespace, model: str, out: Path, bar: Any) -> dict:
-    """Run one method's child process; its vLLM log goes to logs/<method>.log."""
-    (out / "logs").mkdir(exist_ok=True)
-    result = out / "logs" / f"{method.name}.json"
-    job = {"method": method.name, "spec": method.spec, "model": model, "result": str(result),
-           "batch_sizes": parse_list(args.batch_sizes), "temperatures": parse_list(args.temperatures, float),
-           "repeats": args.repeats, "max_tokens": args.max_tokens, "num_prompts": args.num_prompts,
-           "engine": {"enforce_eager": args.enforce_eager, "max_model_len": args.max_model_len, "seed": 0,
-                      "disable_log_stats": False, "enable_prefix_caching": args.prefix_caching,
-                      **args.engine_args}}
-    job_file = out / "logs" / f"{method.name}.job.json"
-    write_json(job_file, job)
-    tail: collections.deque[str] = collections.deque(maxlen=30)
-    with open(out / "logs" / f"{method.name}.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(job_file)],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        watchdog = threading.Timer(args.method_timeout or 1e9, proc.kill)
-        watchdog.start()
+class Engine:
+    """A worker process holding one method's engine; its vLLM log goes to logs/<method>.log."""
+
+    def __init__(self, method: Method, group: int, args: argparse.Namespace, model: str, out: Path):
+        (out / "logs").mkdir(exist_ok=True)
+        self.method, self.group = method, group
+        tag = f"{method.name}.g{group}"
+        job = {"method": method.name, "group": group, "spec": method.spec, "model": model,
+               "temperatures": parse_list(args.temperatures, float), "max_tokens": args.max_tokens,
+               "num_prompts": args.num_prompts,
+               "engine": {"enforce_eager": args.enforce_eager, "max_model_len": args.max_model_len, "seed": 0,
+                          "disable_log_stats": False, "enable_prefix_caching": args.prefix_caching,
+                          **args.engine_args}}
+        job_file = out / "logs" / f"{tag}.job.json"
+        write_json(job_file, job)
+        self.log = open(out / "logs" / f"{tag}.log", "w")
+        self.tail: collections.deque[str] = collections.deque(maxlen=30)
+        self.lines: queue.Queue = queue.Queue()
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(job_file)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True)
+        threading.Thread(target=self._read, daemon=True).start()
+        self.info: dict = {}
+        self.error: str | None = None
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith((READY, RESULT)):
+                self.lines.put(line)
+            else:
+                self.log.write(line)
+                self.tail.append(line)
+        self.lines.put(None)
+
+    def _wait(self, prefix: str, timeout: float | None) -> dict | None:
         try:
-            for line in proc.stdout:
-                if line.startswith(PROGRESS):
-                    bar.update(1)
-                else:
-                    log.write(line)
-                    tail.append(line)
-        finally:
-            watchdog.cancel()
-            if proc.poll() is None:
-                proc.kill()
-            rc = proc.wait()
-            with contextlib.suppress(ProcessLookupError):  # the engine-core grandchild, if left
-                os.killpg(proc.pid, signal.SIGKILL)
-    res = json.loads(result.read_text()) if result.is_file() else {}
-    if rc != 0:
-        res["error"] = f"exit code {rc}; last log lines:\n" + "".join(tail)
-    return res
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            line = None
+            self.error = f"no answer within {timeout} s; last log lines:\n" + "".join(self.tail)
+        if line is None:
+            self.error = self.error or (f"exit code {self.proc.poll()}; last log lines:\n" + "".join(self.tail))
+            self.close()
+            return None
+        return json.loads(line[len(prefix):])
+
+    def ready(self, timeout: float | None) -> None:
+        info = self._wait(READY, timeout)
+        if info is not None:
+            self.info = info
+
+    def run(self, cmd: dict, timeout: float | None) -> dict | None:
+        if self.error:
+            return None
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(json.dumps(cmd) + "\n")
+            self.proc.stdin.flush()
+        except OSError:
+            pass
+        return self._wait(RESULT, timeout)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(json.dumps({"quit": True}) + "\n")
+            self.proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=30)
+        if self.proc.poll() is None:
+            self.proc.kill()
+        with contextlib.suppress(ProcessLookupError):  # the engine-core grandchild, if left
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+def method_groups(methods: list[Method], size: int) -> list[list[Method]]:
+    """Methods in groups of at most ``size`` engines alive at once; plain joins every group so each
+    method's ratio is taken against plain decoding measured alongside it."""
+    plain = next((m for m in methods if m.name == "plain"), None)
+    others = [m for m in methods if m is not plain]
+    if plain is None:
+        return [others[i:i + size] for i in range(0, len(others), size)] or [[]]
+    per = max(size - 1, 1)
+    return [[plain, *others[i:i + per]] for i in range(0, len(others), per)] or [[plain]]
+
+
+def run_group(group: list[Method], gid: int, args: argparse.Namespace, model: str, out: Path, bar: Any,
+              meta: dict) -> list[dict]:
+    """Start the group's engines (one at a time), then run every configuration on each engine in
+    turn, the order rotating with the repeat, so drifts of a shared machine hit all methods alike."""
+    engines = []
+    for m in group:
+        e = Engine(m, gid, args, model, out)
+        e.ready(args.method_timeout)  # starts are sequential: engines never load concurrently
+        engines.append(e)
+    runs = []
+    try:
+        for b in parse_list(args.batch_sizes):
+            for t in parse_list(args.temperatures, float):
+                for r in range(args.repeats):
+                    k = r % len(engines)
+                    for e in engines[k:] + engines[:k]:
+                        res = e.run({"batch_size": b, "temperature": t, "repeat": r}, args.method_timeout)
+                        if res is not None:
+                            runs.append(res)
+                        bar.update(1)
+    finally:
+        for e in engines:
+            if e.info:
+                meta.setdefault("vllm_version", e.info.get("vllm_version"))
+                meta.setdefault("engine_start_s", {})[f"{e.method.name}.g{gid}"] = e.info.get("engine_start_s")
+            if e.error is None:
+                e.close()
+            e.method.error = e.method.error or e.error
+            e.log.close()
+    return runs
 
 
 def summarize(methods: list[Method], runs: list[dict]) -> list[dict]:
@@ -227,14 +317,21 @@ def summarize(methods: list[Method], runs: list[dict]) -> list[dict]:
             row["medusa_mean_acceptance_length"] = 1 + sum(m["accepted_tokens"] for m in med) / steps if steps else None
             row["medusa_non_leftmost"] = sum(m["non_leftmost"] for m in med) / steps if steps else None
         rows.append(row)
-    plain = {(r["batch_size"], r["temperature"]): r for r in rows if r["method"] == "plain"}
+    # Each method's ratio is to the plain runs of its own group (measured interleaved with it).
+    plain_tps: dict[tuple, list[float]] = collections.defaultdict(list)
+    method_groups_of: dict[str, set] = collections.defaultdict(set)
+    for r in runs:
+        method_groups_of[r["method"]].add(r.get("group", 0))
+        if r["method"] == "plain":
+            plain_tps[(r.get("group", 0), r["batch_size"], r["temperature"])].append(r["tokens_per_s"])
     first = {(r["method"], r["batch_size"], r["temperature"]): r["output_hashes"]
              for r in runs if r["repeat"] == 0}
     for row in rows:
-        base = plain.get((row["batch_size"], row["temperature"]))
-        row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"] if base else None
         key = (row["batch_size"], row["temperature"])
-        if base and row["temperature"] == 0:
+        base = [x for g in method_groups_of[row["method"]] for x in plain_tps.get((g, *key), [])]
+        row["plain_tokens_per_s"] = median(base) if base else None
+        row["speedup"] = row["tokens_per_s"] / row["plain_tokens_per_s"] if base else None
+        if base and row["temperature"] == 0 and ("plain", *key) in first:
             mine, ref = first[(row["method"], *key)], first[("plain", *key)]
             row["greedy_same_as_plain"] = sum(a == b for a, b in zip(mine, ref)) / len(ref)
     order = {m.name: i for i, m in enumerate(methods)}
@@ -304,6 +401,8 @@ def plots(rows: list[dict], out: Path) -> list[Path]:
 
 def main() -> None:
     args = parse_args()
+    if args.concurrent > 1 and not args.worker:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # several engines share the memory
     setup_env()
     if args.worker:
         try:
@@ -327,18 +426,15 @@ def main() -> None:
             "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     runs: list[dict] = []
-    with tqdm(total=len(methods) * configs, unit="run", desc="offline") as bar:
-        for m in methods:
-            bar.set_postfix_str(m.name)
-            if m.error is None:
-                res = run_method(m, args, model, out, bar)
-                m.error = res.get("error")
-                runs += res.get("runs", [])
-                meta.setdefault("vllm_version", res.get("vllm_version"))
-                meta.setdefault("engine_start_s", {})[m.name] = res.get("engine_start_s")
-            if m.error:
-                tqdm.write(f"{m.name} failed: {m.error.strip().splitlines()[-1]}")
-                bar.update(configs - sum(r["method"] == m.name for r in runs))
+    groups = method_groups(methods, args.concurrent)
+    meta["groups"] = [[m.name for m in g] for g in groups]
+    with tqdm(total=sum(len(g) for g in groups) * configs, unit="run", desc="offline") as bar:
+        for gid, group in enumerate(groups):
+            bar.set_postfix_str(",".join(m.name for m in group))
+            runs += run_group(group, gid, args, model, out, bar, meta)
+    for m in methods:
+        if m.error:
+            tqdm.write(f"{m.name} failed: {m.error.strip().splitlines()[-1]}")
     rows = summarize(methods, runs)
     meta["methods"] = methods
     write_json(out / "raw.json", {"meta": meta, "runs": runs})
