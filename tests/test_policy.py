@@ -85,4 +85,12 @@ def test_measurements_find_the_best_candidate_and_probes_stay_plausible():
 
 
 def test_batch_buckets():
-    assert [batch_bucket(b) for b in (1, 5, 8, 9, 16, 17, 64, 65)] == [1, 5, 8, 16, 16, 32, 64, 128]
+    assert [batch_bucket(b) for b in (1, 2, 3, 4, 5, 9, 16, 17, 64)] == [1, 2, 4, 4, 8, 16, 16, 32, 64]
+
+
+def test_a_new_bucket_starts_from_what_other_buckets_measured():
+    """Measurements at batch 1 correct the prior's ranking at batch 2 before batch 2 measures."""
+    p = policy()
+    best = next(c for c in p.candidates if c.is_chain and c.num_nodes == 1)
+    run(p, 1, lambda t: 40.0 if t is best else 20.0, 300)
+    assert p.choose(2) is best  # the first step of a bucket is never a probe

@@ -84,8 +84,8 @@ def candidate_trees(tree: MedusaTree, num_heads: int | None = None) -> list[Medu
 
 
 def batch_bucket(batch: int) -> int:
-    """Exact up to 8 requests, then powers of two: step costs change slowly at high batch."""
-    return batch if batch <= 8 else 1 << (batch - 1).bit_length()
+    """Powers of two: few buckets, so little exploration when the batch drains request by request."""
+    return 1 << max(batch - 1, 0).bit_length()
 
 
 @dataclass
@@ -172,14 +172,34 @@ class TreeBudgetPolicy:
         rates = [self._prior_rate(max(batch, 1), i) for i in range(len(self.candidates))]
         return self.candidates[max(range(len(rates)), key=lambda i: (rates[i], -i))]
 
+    def _correction(self, index: int, key: int) -> float | None:
+        """measured / prior of a candidate in the nearest other bucket that measured it."""
+        best = None
+        for b, other in self._buckets.items():
+            arm = other.arms.get(index)
+            if b != key and arm is not None and arm.count >= self.min_samples:
+                dist = abs((b).bit_length() - key.bit_length())
+                if best is None or dist < best[0]:
+                    best = (dist, arm.rate / max(self._prior_rate(b, index), 1e-9))
+        return best[1] if best else None
+
     def _scores(self, batch: int, bucket: _Bucket) -> list[float]:
-        """Measured rate where there are enough samples, else the prior rescaled to measurements."""
+        """Measured rate where there are enough samples; else the prior, corrected by what other
+        batch buckets measured for that candidate, or rescaled to this bucket's measurements."""
+        key = batch_bucket(batch)
         priors = [self._prior_rate(batch, i) for i in range(len(self.candidates))]
         measured = [(a.rate, priors[i]) for i, a in bucket.arms.items() if a.count >= self.min_samples]
         ratios = sorted(m / p for m, p in measured if p > 0)
         scale = ratios[len(ratios) // 2] if ratios else 1.0
-        return [a.rate if (a := bucket.arms.get(i)) and a.count >= self.min_samples else p * scale
-                for i, p in enumerate(priors)]
+        scores = []
+        for i, p in enumerate(priors):
+            arm = bucket.arms.get(i)
+            if arm is not None and arm.count >= self.min_samples:
+                scores.append(arm.rate)
+            else:
+                c = self._correction(i, key)
+                scores.append(p * (c if c is not None else scale))
+        return scores
 
     def _choose_index(self, batch: int) -> int:
         bucket = self._buckets.setdefault(batch_bucket(batch), _Bucket())

@@ -116,6 +116,8 @@ class StepClock:
         self.chosen: tuple[int, MedusaTree] | None = None  # (batch, tree) picked for this step
         self.pending: tuple[int, MedusaTree, int, float, float] | None = None
         self.gap = 0.0
+        self.drafted = 0.0  # time spent drafting in the previous step (for this one)
+        self.end = 0.0
 
     def classify(self, scheduler_output) -> None:
         spec = sum(len(d) for d in scheduler_output.scheduled_spec_decode_tokens.values())
@@ -128,7 +130,7 @@ class StepClock:
         now = time.perf_counter()
         if self.pending is not None and policy is not None:
             batch, tree, tokens, start, end = self.pending
-            gap = now - end
+            gap = now - self.end
             if self.gap and gap > 3 * self.gap + 0.002:
                 gap = self.gap  # the engine idled: no work between the steps
             else:
@@ -138,12 +140,18 @@ class StepClock:
         self.start = now
         self.pure = False
 
-    def step_done(self, batch: int, tree: MedusaTree | None, tokens: int) -> None:
-        """Drafting finished: ``tree`` was chosen for the next step of ``batch`` requests; this
-        step's requests emitted ``tokens``."""
+    def step_done(self, batch: int, tree: MedusaTree | None, tokens: int, drafting: float = 0.0) -> None:
+        """Drafting (``drafting`` seconds) finished: ``tree`` was chosen for the next step of
+        ``batch`` requests; this step's requests emitted ``tokens``. Drafting is charged to the
+        step it drafts for, so a probe without speculation is not billed for its successor's heads."""
         if self.chosen is not None and self.pure and self.batch == self.chosen[0] == batch:
-            self.pending = (batch, self.chosen[1], tokens, self.start, time.perf_counter())
+            end = time.perf_counter() - drafting + self.drafted
+            self.pending = (batch, self.chosen[1], tokens, self.start, end)
+        self.end = time.perf_counter()
+        self.drafted = drafting
         self.chosen = (batch, tree) if tree is not None else None
+
+
 _LAYOUTS: dict[tuple, CpuKVLayout] = {}
 
 
@@ -357,6 +365,7 @@ class MedusaTreeRunnerMixin:
         if not active:
             self._medusa_clock.step_done(0, None, 0)
             return drafts
+        t_draft = time.perf_counter()
         step_tree = self.drafter.step_tree(len(active))
         caps = [min(step_tree.num_nodes, self._medusa_room(batch.req_ids[b])) for b in active]
         hidden = sample_hidden_states[torch.tensor([rows[b] for b in active],
@@ -367,7 +376,8 @@ class MedusaTreeRunnerMixin:
             drafts[b] = d
             self._medusa_trees[batch.req_ids[b]] = tree
         self._medusa_clock.step_done(len(active), step_tree,
-                                     sum(len(sampled_token_ids[b]) for b in active))
+                                     sum(len(sampled_token_ids[b]) for b in active),
+                                     time.perf_counter() - t_draft)
         return drafts
 
     def _medusa_room(self, req_id: str) -> int:
