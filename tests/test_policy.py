@@ -94,3 +94,20 @@ def test_a_new_bucket_starts_from_what_other_buckets_measured():
     best = next(c for c in p.candidates if c.is_chain and c.num_nodes == 1)
     run(p, 1, lambda t: 40.0 if t is best else 20.0, 300)
     assert p.choose(2) is best  # the first step of a bucket is never a probe
+
+
+def test_a_one_off_stall_does_not_condemn_a_candidate():
+    p = policy()
+    none = p.candidates[0]
+    for _ in range(p.min_samples):
+        p.record_step(1, none, 1, 0.03)
+    other = p.candidates[1]
+    p.record_step(1, other, 2, 3.0)  # first use: 100x the usual step
+    assert other not in [p.candidates[i] for i in p._buckets[1].arms]
+
+
+def test_no_speculation_without_a_clear_gain():
+    p = policy()
+    chain1 = p.candidates[1]
+    chosen = run(p, 1, lambda t: 30.0 if t.num_nodes == 0 else (30.5 if t is chain1 else 10.0), 400)
+    assert sum(t.num_nodes == 0 for t in chosen[-100:]) >= 90

@@ -102,6 +102,11 @@ class _Arm:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+def _decayed_count(n: int, decay: float) -> float:
+    """Sum of decay**i for i < n: the weight of n samples in the decayed sums."""
+    return (1 - decay ** n) / (1 - decay)
+
+
 @dataclass
 class _Bucket:
     arms: dict[int, _Arm] = field(default_factory=dict)  # candidate index -> measurements
@@ -120,6 +125,8 @@ class TreeBudgetPolicy:
     plausible: float = 0.85  # probe candidates whose rescaled prior is within this of the best
     neighbour_floor: float = 0.7  # ... and the larger neighbour of the best unless far worse
     decay: float = 1 - 1 / 64  # measurements fade over ~64 steps (costs drift with context)
+    margin: float = 0.03  # speculation must beat no speculation by this much
+    outlier: float = 4.0  # a step this many times slower than usual is not the candidate's cost
     num_heads: int | None = None  # chains may go this deep (default: the tree's depth)
     candidates: list[MedusaTree] = field(init=False)
     _buckets: dict[int, _Bucket] = field(default_factory=dict, repr=False)
@@ -206,6 +213,8 @@ class TreeBudgetPolicy:
         bucket.steps += 1
         scores = self._scores(batch, bucket)
         best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+        if scores[best] < (1 + self.margin) * scores[0]:
+            best = 0  # speculate only for a clear gain: measurements are noisy
         # Probe the best one's neighbours (so a prior with the wrong shape is walked away from) and
         # any candidate the rescaled prior finds plausible, until each has a measurement. The
         # smaller neighbour is always worth a look (it is cheaper); the larger one only if the prior
@@ -240,7 +249,12 @@ class TreeBudgetPolicy:
             index = next(i for i, c in enumerate(self.candidates) if c is tree)
         except StopIteration:
             return
-        arm = self._buckets.setdefault(batch_bucket(batch), _Bucket()).arms.setdefault(index, _Arm())
+        bucket = self._buckets.setdefault(batch_bucket(batch), _Bucket())
+        usual = max(bucket.arms.values(), key=lambda a: a.count, default=None)
+        if usual is not None and usual.count >= self.min_samples:
+            if seconds > self.outlier * usual.seconds / _decayed_count(usual.count, self.decay):
+                return  # a one-off stall (first use of a code path, another process), not a cost
+        arm = bucket.arms.setdefault(index, _Arm())
         arm.tokens = arm.tokens * self.decay + tokens
         arm.seconds = arm.seconds * self.decay + seconds
         arm.count += 1

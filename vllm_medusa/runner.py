@@ -432,12 +432,24 @@ def _make_cpu_runner_cls():
             super().__init__(vllm_config, device)
             self._medusa_init()
 
-        def _medusa_copy_slots(self, kv: torch.Tensor, src: torch.Tensor, dst: torch.Tensor):
+        def initialize_kv_cache(self, *args, **kwargs):
+            result = super().initialize_kv_cache(*args, **kwargs)
+            # Learn the cache packing now, not in the first tree step (the policy times steps).
+            for kv in self.kv_caches:
+                if kv is not None:
+                    self._medusa_layout(kv)
+                    break
+            return result
+
+        def _medusa_layout(self, kv: torch.Tensor) -> CpuKVLayout:
             from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
             head_size = kv.shape[-1] // 2
             isa = _get_attn_isa(kv.dtype, kv.shape[2], head_size, self.cache_config.cache_dtype)
-            cpu_kv_layout(isa, kv.shape[2], head_size, kv.dtype).copy_slots(kv, src, dst)
+            return cpu_kv_layout(isa, kv.shape[2], head_size, kv.dtype)
+
+        def _medusa_copy_slots(self, kv: torch.Tensor, src: torch.Tensor, dst: torch.Tensor):
+            self._medusa_layout(kv).copy_slots(kv, src, dst)
 
     return MedusaCPUModelRunner
 
