@@ -2,8 +2,9 @@
 
     python bench/merge_results.py bench/results/A bench/results/B --out bench/results/merged
 
-Useful when methods were run in separate sittings (e.g. a slow configuration re-run with fewer
-batch sizes); each method's rows come from the folder listed first that has them.
+Useful when configurations were run in separate sittings (e.g. batch 64 for fewer methods). Every
+run of every folder is kept; groups are kept apart per folder, so each method's "x plain" is still
+taken against the plain runs it was interleaved with.
 """
 
 from __future__ import annotations
@@ -30,15 +31,10 @@ def main() -> None:
     base, base_src = base_tree(heads, None)
     runs: list[dict] = []
     seen: set[str] = set()
-    for folder in args.folders:
-        for f in sorted((folder / "logs").glob("*.json")):
-            if f.name.endswith(".job.json") or f.stem in seen:
-                continue
-            data = json.loads(f.read_text())
-            rows = data if isinstance(data, list) else data.get("runs", [])
-            if rows:
-                seen.add(f.stem)
-                runs += rows
+    for i, folder in enumerate(args.folders):
+        for r in json.loads((folder / "raw.json").read_text())["runs"]:
+            runs.append({**r, "group": f"{i}:{r.get('group', 0)}"})
+            seen.add(r["method"])
     order = ["plain", "medusa_chain", "ngram"] + sorted(m for m in seen if m not in ("plain", "medusa_chain", "ngram"))
     methods = [make_method(n, model, heads, base, base_src) for n in order if n in seen]
     rows = summarize(methods, runs)

@@ -340,10 +340,10 @@ def summarize(methods: list[Method], runs: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    header = ["method", "nodes", "temp", "batch", "tok/s", "TPOT ms", "x plain", "acc. len",
+    header = ["method", "nodes", "temp", "batch", "tok/s", "TPOT ms", "plain tok/s (group)", "x plain", "acc. len",
               "acc. rate per depth", "tree nodes/step", "greedy = plain"]
     body = [[r["method"], r["nodes"], r["temperature"], r["batch_size"], round(r["tokens_per_s"], 1),
-             r["tpot_ms"], r["speedup"], r["mean_acceptance_length"],
+             r["tpot_ms"], r.get("plain_tokens_per_s"), r["speedup"], r["mean_acceptance_length"],
              " / ".join(f"{x:.2f}" for x in r["acceptance_per_depth"]) or "-",
              r.get("medusa_nodes_per_step"), r.get("greedy_same_as_plain")] for r in rows]
     return md_table(header, body)
