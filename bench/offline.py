@@ -152,7 +152,8 @@ def worker(job_file: str) -> None:
         t0 = time.perf_counter()
         outs = llm.generate(take(pool, b), params, use_tqdm=False)
         elapsed = time.perf_counter() - t0
-        spec = diff_counters(read_counters(llm, medusa), before)
+        after = read_counters(llm, medusa)
+        spec = diff_counters(after, before)
         tokens = [len(o.outputs[0].token_ids) for o in outs]
         run = {"method": job["method"], "group": job["group"], "batch_size": b, "temperature": t,
                "repeat": cmd["repeat"], "elapsed_s": elapsed, "output_tokens": sum(tokens),
@@ -160,7 +161,7 @@ def worker(job_file: str) -> None:
                "output_hashes": [hashlib.sha1(str(list(o.outputs[0].token_ids)).encode()).hexdigest()[:12]
                                  for o in outs]}
         if medusa:  # what the adaptive policy has measured so far (tokens/s per candidate)
-            run["policy"] = llm.collective_rpc("medusa_stats")[0].get("policy", {})
+            run["policy"] = after["medusa"].get("policy", {})
         print(RESULT, json.dumps(run), flush=True)
 
 

@@ -148,11 +148,17 @@ class TreeBudgetPolicy:
                                 cost or StepCostModel.default(), adaptive, num_heads=num_heads)
 
     # -- the prior -----------------------------------------------------------------------------
+    def _predicted_length(self, tree: MedusaTree) -> float:
+        """``expected_acceptance_length`` under the heads' accuracies, memoised per tree."""
+        if tree.paths not in self._lengths:
+            self._lengths[tree.paths] = expected_acceptance_length(tree, self.accuracies)
+        return self._lengths[tree.paths]
+
     def expected_length(self, tree: MedusaTree) -> float:
         """Predicted acceptance length, with its speculative part scaled by observation."""
         if tree.num_nodes == 0:
             return 1.0
-        return 1.0 + (expected_acceptance_length(tree, self.accuracies) - 1.0) * self._scale
+        return 1.0 + (self._predicted_length(tree) - 1.0) * self._scale
 
     def throughput(self, batch: int, tree: MedusaTree) -> float:
         """Prior tokens per second with ``tree`` for each of ``batch`` requests."""
@@ -264,9 +270,7 @@ class TreeBudgetPolicy:
         if tree.num_nodes == 0:
             return
         self._seen += accepted
-        if tree.paths not in self._lengths:
-            self._lengths[tree.paths] = expected_acceptance_length(tree, self.accuracies)
-        self._predicted += self._lengths[tree.paths] - 1.0
+        self._predicted += self._predicted_length(tree) - 1.0
         self._since_refresh += 1
         if self._since_refresh >= self.refresh_every:
             if self._predicted > 0:

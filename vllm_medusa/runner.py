@@ -144,10 +144,10 @@ class StepClock:
         """Drafting (``drafting`` seconds) finished: ``tree`` was chosen for the next step of
         ``batch`` requests; this step's requests emitted ``tokens``. Drafting is charged to the
         step it drafts for, so a probe without speculation is not billed for its successor's heads."""
+        now = time.perf_counter()
         if self.chosen is not None and self.pure and self.batch == self.chosen[0] == batch:
-            end = time.perf_counter() - drafting + self.drafted
-            self.pending = (batch, self.chosen[1], tokens, self.start, end)
-        self.end = time.perf_counter()
+            self.pending = (batch, self.chosen[1], tokens, self.start, now - drafting + self.drafted)
+        self.end = now
         self.drafted = drafting
         self.chosen = (batch, tree) if tree is not None else None
 
