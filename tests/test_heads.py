@@ -282,3 +282,20 @@ def test_empty_dir_and_missing_path(tmp_path):
     with pytest.raises(MedusaHeadsError, match="no such file"):
         load(tmp_path / "nope")
     assert issubclass(MedusaHeadsError, ValueError)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_draft_vocab_projection_matches_restricted_lm_head(dtype):
+    """The drafter's packed projection onto the token_map rows (vLLM's CPU GEMM) gives the same
+    top-k tokens as the full lm_head restricted to that vocabulary."""
+    from vllm_medusa.proposer import draft_vocab_projection
+
+    g = torch.Generator().manual_seed(0)
+    lm_head = torch.randn(512, 64, generator=g).to(dtype)
+    token_map = torch.randperm(512, generator=g)[:200].sort().values
+    x = torch.randn(7, 64, generator=g).to(dtype)
+    logits = draft_vocab_projection(lm_head, token_map)(x)
+    expected = F.linear(x.float(), lm_head[token_map].float())
+    assert logits.shape == (7, 200)
+    torch.testing.assert_close(logits.float(), expected, atol=0.1, rtol=0.02)
+    assert torch.equal(logits.float().topk(3).indices, expected.topk(3).indices)

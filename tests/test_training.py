@@ -77,6 +77,12 @@ def test_training_lowers_the_loss(features_dir, softmax_vocab):
     assert len(h) == 40 and all(map(torch.isfinite, torch.tensor(h)))
     assert sum(h[-5:]) / 5 < 0.8 * sum(h[:5]) / 5
     assert result.heldout_positions > 0 and len(result.heldout_accuracies) == NUM_HEADS
+    token_map = result.heads.token_map
+    if softmax_vocab == "full":
+        assert token_map is None
+    else:  # the heads keep the vocabulary they were trained on, and draft only from it
+        assert token_map is not None and 0 < token_map.numel() == result.softmax_size
+        assert bool((token_map[1:] > token_map[:-1]).all())
 
 
 def test_heads_start_as_identity(features_dir):

@@ -39,8 +39,10 @@ class TrainConfig:
     heldout_fraction: float = 0.05
     shared_lm_head: bool = True
     # "full": softmax over the whole vocabulary. "data": only over the tokens that occur in the
-    # training answers (every target is among them): several times cheaper on a CPU, at the price
-    # of never pushing down tokens the model does not use; held-out metrics stay full-vocabulary.
+    # training answers (every target is among them): several times cheaper on a CPU. The heads then
+    # keep that vocabulary as their token_map (draft vocabulary): they were never trained to rank
+    # other tokens, and projecting onto its rows only makes drafting several times cheaper.
+    # The held-out loss is over the full vocabulary, held-out ranks over what the heads can draft.
     softmax_vocab: str = "full"
     seed: int = 0
     compute_dtype: str = "bfloat16"
@@ -187,6 +189,9 @@ def train_heads(features: Features | str | os.PathLike, config: TrainConfig | No
                     logits = heads(feats.hidden[rows], lm_head if cfg.shared_lm_head else None)
                 losses.append(float(medusa_loss(logits, targets[rows], cfg.head_decay)[0]) * len(rows))
             held_loss = sum(losses) / len(held_rows)
+    if cfg.softmax_vocab == "data":
+        heads.token_map = vocab_ids  # from here on the heads draft from the training vocabulary
+    if len(held_rows):
         ranks = head_ranks(heads, feats.hidden[held_rows], targets[held_rows],
                            lm_head if cfg.shared_lm_head else None, compute_dtype=cdtype)
         held_acc = rank_accuracies(ranks)
