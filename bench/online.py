@@ -4,8 +4,11 @@
     .venv/bin/python bench/online.py --smoke
     .venv/bin/python bench/online.py --name run1          # same folder as `offline.py --name run1`
 
-Each server (`vllm-medusa serve MODEL --enforce-eager ...` on 127.0.0.1, a free port) is started,
-warmed up, loaded at every rate in turn, and stopped before the next one starts. The client streams
+Both servers (`vllm-medusa serve MODEL --enforce-eager ...` on 127.0.0.1, free ports) are started
+and warmed up, then stay alive together (an idle vLLM server uses no CPU) and take turns: for every
+repeat and rate each server is loaded in turn, the order alternating per repeat, so the machine's
+drift (10-15% between minutes here) hits both alike. Figures are medians over repeats; "x plain" is
+the median of the per-repeat ratios to the plain server's run next to it. The client streams
 `/v1/completions` (httpx): TTFT = first text chunk, TPOT = (latency - TTFT) / (tokens - 1) with the
 token count from the final usage chunk (a speculative step sends several tokens in one chunk, so
 chunk gaps are not per-token times). Requests i of both servers carry the same prompt and are
@@ -35,8 +38,8 @@ from typing import Any, Iterator
 from common import (BENCH, base_tree, bench_prompts, copy_latest, default_heads, default_model,
                     md_table, median, parse_list, results_dir, setup_env, write_json)
 
-DEFAULTS = dict(rates="0.5,1,2,4", num_requests=32, max_tokens=128, latest=str(BENCH / "latest"))
-SMOKE = dict(rates="inf", num_requests=2, max_tokens=8, latest=None)
+DEFAULTS = dict(rates="0.5,1,2,4", num_requests=32, max_tokens=128, repeats=2, latest=str(BENCH / "latest"))
+SMOKE = dict(rates="inf", num_requests=2, max_tokens=8, repeats=1, latest=None)
 WARMUP_PROMPT = "Write one sentence about the sea."
 
 
@@ -51,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="JSON for the speculative server instead of the medusa_tree one built from the above")
     p.add_argument("--rates", help="comma list of request rates per second; 'inf' = all at once (default 0.5,1,2,4)")
     p.add_argument("--num-requests", type=int, help="requests per rate (default 32)")
+    p.add_argument("--repeats", type=int, help="turns per server and rate (default 2)")
     p.add_argument("--max-tokens", type=int, help="max new tokens per request (default 128)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--max-duration", type=float, default=600, help="seconds per rate before cancelling")
@@ -211,6 +215,32 @@ def summarize(name: str, rate: float, records: list[dict], duration: float, coun
             "mean_acceptance_length": 1 + accepted / drafts if drafts else None}
 
 
+def aggregate(runs: list[dict], requests: dict[str, list[dict]]) -> list[dict]:
+    """One row per (server, rate): medians over repeats; ratios to plain taken per repeat (the plain
+    run next to it), then their median; texts compared with plain's run of the same repeat."""
+    keys = [k for k in runs[0] if k not in ("server", "rate", "repeat")] if runs else []
+    plain = {(r["rate"], r["repeat"]): r for r in runs if r["server"] == "plain"}
+    rows = []
+    for name, rate in dict.fromkeys((r["server"], r["rate"]) for r in runs):
+        mine = [r for r in runs if r["server"] == name and r["rate"] == rate]
+        row = {"server": name, "rate": rate, "repeats": len(mine)}
+        for k in keys:
+            row[k] = median([r[k] for r in mine if r[k] is not None])
+        for k in ("completed", "failed"):
+            row[k] = sum(r[k] for r in mine)
+        if name != "plain":
+            pairs = [(r, plain[(rate, r["repeat"])]) for r in mine if (rate, r["repeat"]) in plain]
+            for key, out_key in (("throughput_tok_s", "throughput_x_plain"), ("tpot_ms_median", "tpot_x_plain"),
+                                 ("ttft_ms_median", "ttft_x_plain")):
+                row[out_key] = median([a[key] / b[key] for a, b in pairs if a[key] and b[key]])
+            texts = [(a["text"], b["text"]) for r, p in pairs
+                     for a, b in zip(requests[f"{name}@{rate:g}#{r['repeat']}"],
+                                     requests[f"plain@{rate:g}#{p['repeat']}"]) if a["ok"] and b["ok"]]
+            row["same_text_as_plain"] = sum(a == b for a, b in texts) / len(texts) if texts else None
+        rows.append(row)
+    return rows
+
+
 def plot(rows: list[dict], out: Path) -> Path:
     import matplotlib
 
@@ -258,50 +288,52 @@ def main() -> None:
     rates = parse_list(args.rates, float)
     pool = bench_prompts(model)
     prompts = [pool[i % len(pool)] for i in range(args.num_requests)]
-    rows, requests, errors = [], {}, {}
-    with tqdm(total=len(servers) * len(rates), unit="rate", desc="online") as bar:
+    runs, requests, errors = [], {}, {}
+    with contextlib.ExitStack() as stack, tqdm(total=len(servers) * len(rates) * args.repeats,
+                                               unit="run", desc="online") as bar:
+        bases = {}
         for name, flags in servers.items():
             bar.set_postfix_str(f"{name}: starting")
             try:
-                with server(model, flags, out / "logs" / f"server-{name}.log", args.start_timeout) as base:
-                    for _ in range(2):
-                        httpx.post(f"{base}/v1/completions", timeout=300, json={
-                            "model": "bench", "prompt": WARMUP_PROMPT, "max_tokens": 16, "temperature": 0})
-                    for rate in rates:
-                        bar.set_postfix_str(f"{name} @ {rate:g} req/s")
-                        before = spec_counters(base)
-                        records, duration = asyncio.run(run_rate(base, prompts, rate, args))
-                        after = spec_counters(base)
-                        counters = (after[0] - before[0], after[1] - before[1])
-                        rows.append(summarize(name, rate, records, duration, counters))
-                        requests[f"{name}@{rate:g}"] = records
-                        bar.update(1)
+                base = stack.enter_context(server(model, flags, out / "logs" / f"server-{name}.log",
+                                                  args.start_timeout))
+                for _ in range(2):
+                    httpx.post(f"{base}/v1/completions", timeout=300, json={
+                        "model": "bench", "prompt": WARMUP_PROMPT, "max_tokens": 16, "temperature": 0})
+                bases[name] = base
             except Exception as e:  # noqa: BLE001 - the other server still runs
                 errors[name] = repr(e)
                 tqdm.write(f"{name} failed: {e!r}"[:2000])
-    plain = {r["rate"]: r for r in rows if r["server"] == "plain"}
-    for r in rows:
-        base_row = plain.get(r["rate"])
-        if r["server"] == "plain" or not base_row:
-            continue
-        r["throughput_x_plain"] = (r["throughput_tok_s"] / base_row["throughput_tok_s"]
-                                   if r["throughput_tok_s"] and base_row["throughput_tok_s"] else None)
-        r["tpot_x_plain"] = (r["tpot_ms_median"] / base_row["tpot_ms_median"]
-                             if r["tpot_ms_median"] and base_row["tpot_ms_median"] else None)
-        mine, ref = requests[f"{r['server']}@{r['rate']:g}"], requests[f"plain@{r['rate']:g}"]
-        pairs = [(a["text"], b["text"]) for a, b in zip(mine, ref) if a["ok"] and b["ok"]]
-        r["same_text_as_plain"] = sum(a == b for a, b in pairs) / len(pairs) if pairs else None
+        for rep in range(args.repeats):
+            for rate in rates:
+                order = list(bases) if rep % 2 == 0 else list(bases)[::-1]
+                for name in order:
+                    bar.set_postfix_str(f"{name} @ {rate:g} req/s, repeat {rep + 1}")
+                    try:
+                        before = spec_counters(bases[name])
+                        records, duration = asyncio.run(run_rate(bases[name], prompts, rate, args))
+                        after = spec_counters(bases[name])
+                    except Exception as e:  # noqa: BLE001 - a broken server must not stop the others
+                        errors[f"{name}@{rate:g}#{rep}"] = repr(e)
+                        tqdm.write(f"{name} @ {rate:g} failed: {e!r}"[:2000])
+                        continue
+                    counters = (after[0] - before[0], after[1] - before[1])
+                    runs.append({**summarize(name, rate, records, duration, counters), "repeat": rep})
+                    requests[f"{name}@{rate:g}#{rep}"] = records
+                    bar.update(1)
+    rows = aggregate(runs, requests)
     meta = {"args": vars(args), "model": model, "heads": heads, "speculative_config": spec, "errors": errors,
             "started": started}
-    write_json(out / "online_raw.json", {"meta": meta, "rows": rows, "requests": requests})
+    write_json(out / "online_raw.json", {"meta": meta, "rows": rows, "runs": runs, "requests": requests})
     write_json(out / "online_summary.json", {"meta": meta, "rows": rows})
-    header = ["server", "rate req/s", "done", "failed", "tok/s", "x plain", "TTFT ms p50", "TTFT ms p90",
+    header = ["server", "rate req/s", "done", "failed", "tok/s", "x plain", "TTFT ms p50", "TTFT x plain", "TTFT ms p90",
               "TPOT ms p50", "TPOT ms p90", "TPOT x plain", "acc. len", "same text as plain"]
     body = [[r["server"], r["rate"], r["completed"], r["failed"], r["throughput_tok_s"], r.get("throughput_x_plain"),
-             r["ttft_ms_median"], r["ttft_ms_p90"], r["tpot_ms_median"], r["tpot_ms_p90"], r.get("tpot_x_plain"),
+             r["ttft_ms_median"], r.get("ttft_x_plain"), r["ttft_ms_p90"], r["tpot_ms_median"], r["tpot_ms_p90"], r.get("tpot_x_plain"),
              r["mean_acceptance_length"], r.get("same_text_as_plain")] for r in sorted(rows, key=lambda r: r["rate"])]
     text = (f"# Online benchmark ({meta['started']})\n\nmodel `{Path(model).name}`, {args.num_requests} requests "
-            f"per rate, max_tokens {args.max_tokens}, temperature {args.temperature:g}, speculative config "
+            f"per rate and run, {args.repeats} interleaved run(s) per server and rate (medians), "
+            f"max_tokens {args.max_tokens}, temperature {args.temperature:g}, speculative config "
             f"`{json.dumps({k: v for k, v in spec.items() if k != 'tree'})}`"
             f"{' with a ' + str(len(spec['tree'])) + '-node tree' if 'tree' in spec else ''}.\n\n"
             + md_table(header, body)
