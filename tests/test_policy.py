@@ -111,34 +111,3 @@ def test_no_speculation_without_a_clear_gain():
     chain1 = p.candidates[1]
     chosen = run(p, 1, lambda t: 30.0 if t.num_nodes == 0 else (30.5 if t is chain1 else 10.0), 400)
     assert sum(t.num_nodes == 0 for t in chosen[-100:]) >= 90
-
-
-def test_steps_with_prefills_charge_the_drafts():
-    """Pure-decode steps say a chain of 1 is 15% faster; when most steps also carry prefills (a
-    server under arrivals), each draft costs the marginal per-token price there, so the policy must
-    stop speculating at a large batch, keep speculating at batch 1, and resume once arrivals stop."""
-    def is_chain1(t):
-        return t.is_chain and t.num_nodes == 1
-
-    def rate(t):
-        return 100.0 if t.num_nodes == 0 else (115.0 if is_chain1(t) else 50.0)
-
-    def drive(p, batch, steps, mixed):
-        chosen = []
-        for _ in range(steps):
-            p.note_step(mixed=mixed)
-            chosen.append(p.choose(batch))
-            p.record_step(batch, chosen[-1], batch, batch / rate(chosen[-1]))
-        return chosen
-
-    quiet = policy()
-    assert sum(is_chain1(t) for t in drive(quiet, 16, 400, mixed=False)[-100:]) >= 80
-    busy = policy()
-    for _ in range(300):
-        busy.note_step(mixed=True)
-    assert sum(t.num_nodes == 0 for t in drive(busy, 16, 400, mixed=True)[-100:]) >= 80
-    # The same share of mixed steps barely matters for a single request's few drafts.
-    lone = policy(cost=StepCostModel(per_token=0.0005))
-    assert sum(is_chain1(t) for t in drive(lone, 1, 400, mixed=True)[-100:]) >= 80
-    # Arrivals stop: the share decays and speculation comes back.
-    assert sum(is_chain1(t) for t in drive(busy, 16, 600, mixed=False)[-100:]) >= 80

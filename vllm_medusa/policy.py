@@ -15,11 +15,6 @@ Two sources for that rate:
   probe. Probes are rare and limited to plausible candidates, so a wrong cost model costs a few
   steps, not the run. This is what makes the policy hardware-independent: on a CPU where 5-token
   steps are not free, or a GPU where they are, it converges to what is fastest there.
-
-Steps that also carry prefill work (a server with arrivals) cannot be timed per candidate: their
-cost is the prefill's. There the drafts ride on a step that is already past the knee, so each draft
-token costs the marginal ``per_token``; the policy keeps the share of such steps and charges every
-candidate its drafts at that price, so under a stream of arrivals speculation must pay for them too.
 """
 
 from __future__ import annotations
@@ -141,7 +136,6 @@ class TreeBudgetPolicy:
     _predicted: float = 0.0
     _since_refresh: int = 0
     _scale: float = 1.0
-    _mixed: float = 0.0  # decayed share of decoding steps that also carried prefill work
 
     def __post_init__(self) -> None:
         self.candidates = candidate_trees(self.tree, self.num_heads)
@@ -214,25 +208,11 @@ class TreeBudgetPolicy:
         for i, p in enumerate(priors):
             arm = bucket.arms.get(i)
             if arm is not None and arm.count >= self.min_samples:
-                rate = arm.rate
+                scores.append(arm.rate)
             else:
                 c = self._correction(i, key)
-                rate = p * (c if c is not None else scale)
-            scores.append(self._with_mixed_steps(batch, self.candidates[i], rate))
+                scores.append(p * (c if c is not None else scale))
         return scores
-
-    def _with_mixed_steps(self, batch: int, tree: MedusaTree, rate: float) -> float:
-        """A pure-decode rate, charged for the drafts of the share of steps that carry prefills."""
-        if not tree.num_nodes or rate <= 0 or not self._mixed:
-            return rate
-        tokens = batch * self.expected_length(tree)
-        extra = self._mixed * batch * tree.num_nodes * self.cost.per_token
-        return tokens / (tokens / rate + extra)
-
-    def note_step(self, mixed: bool) -> None:
-        """A step with decoding requests ran; ``mixed`` if it also carried prefill work."""
-        if self.adaptive:
-            self._mixed = self._mixed * self.decay + (1 - self.decay) * float(mixed)
 
     def _choose_index(self, batch: int) -> int:
         bucket = self._buckets.setdefault(batch_bucket(batch), _Bucket())

@@ -112,7 +112,6 @@ class StepClock:
     def __init__(self) -> None:
         self.start = 0.0
         self.pure = False
-        self.decoding = False  # some request of the step decodes (it may carry drafts)
         self.batch = 0
         self.chosen: tuple[int, MedusaTree] | None = None  # (batch, tree) picked for this step
         self.pending: tuple[int, MedusaTree, int, float, float] | None = None
@@ -126,7 +125,6 @@ class StepClock:
         self.batch = n
         self.pure = (not scheduler_output.scheduled_new_reqs
                      and scheduler_output.total_num_scheduled_tokens == n + spec)
-        self.decoding = n > len(scheduler_output.scheduled_new_reqs)
 
     def step_started(self, policy) -> None:
         now = time.perf_counter()
@@ -232,8 +230,6 @@ class MedusaTreeRunnerMixin:
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
         self._medusa_clock.classify(scheduler_output)
-        if self._medusa_clock.decoding and self.drafter.policy is not None:
-            self.drafter.policy.note_step(mixed=not self._medusa_clock.pure)
         with _timed(self.medusa_stats, "tree_rows"):
             self._medusa_step = self._medusa_tree_rows(scheduler_output)
         TREE_ATTENTION.batch = self._medusa_step.attention
