@@ -58,6 +58,7 @@ def test_engine_args_translation(demo_model, demo_heads):
     assert config.speculative_config.num_speculative_tokens == 2
     assert config.parallel_config.worker_cls.startswith("vllm_medusa.")
     assert config.additional_config["medusa_tree"]["tree"] == "chain-2"
+    assert config.scheduler_config.scheduler_cls == "vllm_medusa.scheduler.MedusaScheduler"
 
 
 @pytest.mark.parametrize("problem", ["wrong_hidden", "deep_tree", "garbage"])

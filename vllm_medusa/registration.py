@@ -7,7 +7,9 @@
   ``--medusa-tree`` and fold them into ``--speculative-config``;
 - ``create_engine_config``: rewrite ``{"method": "medusa_tree", ...}`` into
   ``method="custom_class"`` (the drafter), ``worker_cls`` (the Medusa runner) and
-  ``additional_config["medusa_tree"]`` (the options, since ``SpeculativeConfig`` forbids extra keys).
+  ``additional_config["medusa_tree"]`` (the options, since ``SpeculativeConfig`` forbids extra keys),
+  and, unless another scheduler is configured, ``scheduler_cls`` (``scheduler.py``: no drafts in
+  steps that admit prefills).
 
 The hooks are checked against the installed vLLM when medusa_tree is first used, with an error
 naming what is missing.
@@ -40,6 +42,7 @@ REQUIRED_HOOKS = [
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.propose_draft_token_ids"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._update_states"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.execute_model"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler.schedule"),
 ]
 CPU_HOOKS = [
     ("vllm.v1.worker.cpu_worker", "CPUModelRunner"),
@@ -144,6 +147,16 @@ def precheck_heads(vllm_config: Any) -> None:
     resolve_medusa_tree(options, heads.num_heads)
 
 
+def use_medusa_scheduler(vllm_config: Any) -> None:
+    """The Medusa scheduler for medusa_tree engines, where vLLM's default synchronous one would run."""
+    sched = vllm_config.scheduler_config
+    if (ADDITIONAL_CONFIG_KEY in (vllm_config.additional_config or {})
+            and sched.scheduler_cls is None and not sched.async_scheduling):
+        from vllm_medusa.scheduler import SCHEDULER_CLASS
+
+        sched.scheduler_cls = SCHEDULER_CLASS
+
+
 def _add_cli_args(parser):
     group = parser.add_argument_group("Medusa tree speculative decoding (vllm-medusa)")
     group.add_argument("--speculative-model", default=None, metavar="medusa:HEADS_DIR",
@@ -182,6 +195,7 @@ def register() -> None:
         translate_engine_args(self)
         config = create(self, *a, **kw)
         precheck_heads(config)
+        use_medusa_scheduler(config)
         return config
 
     add_cli_args = EngineArgs.add_cli_args
