@@ -11,7 +11,7 @@ KV head are stacked along the rows, so K/V are never repeated for GQA.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -35,6 +35,24 @@ class TreeAttentionBatch:
     block_ids: torch.Tensor  # [R, B] int64
     mask: torch.Tensor  # [R, N, B * block_size + N] bool
     all_valid: bool
+    _head_masks: dict = field(default_factory=dict, repr=False)
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [T, ...]`` at the tree rows, ``[R, N, ...]``: a view when there is one tree request."""
+        if self.row_index.shape[0] == 1 and self.all_valid:
+            start, n = int(self.row_index[0, 0]), self.row_index.shape[1]
+            return x[start:start + n].unsqueeze(0)
+        return x[self.row_index]
+
+    def head_mask(self, g: int) -> torch.Tensor:
+        """``mask`` as SDPA's additive float mask (0 / -inf), repeated for the ``g`` query heads
+        stacked per KV head: ``[R, 1, g * N, K]``, built once per step rather than in every layer."""
+        if g not in self._head_masks:
+            r, n, keys = self.mask.shape
+            mask = self.mask[:, None, None].expand(r, 1, g, n, keys).reshape(r, 1, g * n, keys)
+            bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+            self._head_masks[g] = bias.masked_fill_(~mask, float("-inf"))
+        return self._head_masks[g]
 
     @staticmethod
     def build(query_starts: Sequence[int], ancestor_masks: Sequence[Sequence[int]],
@@ -64,35 +82,49 @@ class TreeAttentionBatch:
 
 
 def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   k_ctx: torch.Tensor, v_ctx: torch.Tensor, batch: TreeAttentionBatch,
+                   k_blocks: torch.Tensor, v_blocks: torch.Tensor, batch: TreeAttentionBatch,
                    scale: float) -> torch.Tensor:
-    """Attention of the tree rows; returns ``[R, N, num_heads, head_size]`` (padding rows included).
+    """Attention of the tree rows; returns ``[R, N, kv_heads, g, head_size]`` float32, where the
+    ``kv_heads * g`` query heads are in vLLM's order (padding rows included).
 
     ``query``/``key``/``value`` are this step's rows ``[T, heads, head_size]`` (keys already
-    rotated); ``k_ctx``/``v_ctx`` the gathered context ``[R, kv_heads, C, head_size]``.
-    Computed in float32: the tree path must agree with plain decoding to the last bit that matters.
+    rotated); ``k_blocks``/``v_blocks`` the context blocks ``[R, kv_heads, nb, block_size,
+    head_size]`` (any strides). Computed in float32: the tree path must agree with plain decoding to
+    the last bit that matters. It runs in every layer of a tree step, where small-op overhead is the
+    cost on a CPU: each operand is converted and placed with one copy into a preallocated buffer.
     """
     idx = batch.row_index
     r, n = idx.shape
-    hk, d = k_ctx.shape[1], k_ctx.shape[3]
+    _, hk, nb, bs, d = k_blocks.shape
     hq = query.shape[1]
     g = hq // hk
-    k = torch.cat([k_ctx.float(), key[idx].float().transpose(1, 2)], dim=2)  # [R, Hk, C+N, D]
-    v = torch.cat([v_ctx.float(), value[idx].float().transpose(1, 2)], dim=2)
+    c = nb * bs
+    k = torch.empty((r, hk, c + n, d), dtype=torch.float32, device=query.device)
+    v = torch.empty_like(k)
+    k[:, :, :c].view(r, hk, nb, bs, d).copy_(k_blocks)
+    v[:, :, :c].view(r, hk, nb, bs, d).copy_(v_blocks)
+    rows = batch.rows
+    k[:, :, c:].copy_(rows(key).transpose(1, 2))
+    v[:, :, c:].copy_(rows(value).transpose(1, 2))
     # Stack the g query heads of each KV head along the rows: [R, Hk, g * N, D].
-    q = query[idx].float().view(r, n, hk, g, d).permute(0, 2, 3, 1, 4).reshape(r, hk, g * n, d)
-    mask = batch.mask[:, None, None].expand(r, 1, g, n, -1).reshape(r, 1, g * n, -1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return out.view(r, hk, g, n, d).permute(0, 3, 1, 2, 4).reshape(r, n, hq, d)
+    q = torch.empty((r, hk, g, n, d), dtype=torch.float32, device=query.device)
+    q.copy_(rows(query).view(r, n, hk, g, d).permute(0, 2, 3, 1, 4))
+    out = F.scaled_dot_product_attention(q.view(r, hk, g * n, d), k, v, attn_mask=batch.head_mask(g),
+                                         scale=scale)
+    return out.view(r, hk, g, n, d).permute(0, 3, 1, 2, 4)
 
 
 def paged_tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          kv_cache: torch.Tensor, layout: CpuKVLayout, batch: TreeAttentionBatch,
                          scale: float, output: torch.Tensor) -> None:
     """Overwrite ``output`` (``[T, heads, head_size]``) at the tree rows with tree attention."""
-    k_ctx, v_ctx = layout.gather_blocks(kv_cache, batch.block_ids)
-    out = tree_attention(query, key, value, k_ctx, v_ctx, batch, scale).to(output.dtype)
+    k_blocks, v_blocks = layout.block_views(kv_cache, batch.block_ids)
+    out = tree_attention(query, key, value, k_blocks, v_blocks, batch, scale)
+    r, n = batch.row_index.shape
+    rows = torch.empty(out.shape, dtype=output.dtype, device=output.device)
+    rows.copy_(out)
+    rows = rows.view(r, n, *output.shape[1:])
     if batch.all_valid:
-        output.index_copy_(0, batch.row_index.reshape(-1), out.reshape(-1, *out.shape[2:]))
+        output.index_copy_(0, batch.row_index.reshape(-1), rows.view(-1, *output.shape[1:]))
     else:
-        output[batch.row_index[batch.row_valid]] = out[batch.row_valid]
+        output[batch.row_index[batch.row_valid]] = rows[batch.row_valid]

@@ -89,6 +89,14 @@ class CpuKVLayout:
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of whole blocks, ``block_ids [R, nb]`` -> two ``[R, kv_heads, nb * block_size,
         head_size]`` tensors (token order within each request), ready for attention."""
+        k, v = self.block_views(kv_cache, block_ids)
+        r, h, nb, bs, hs = k.shape
+        return k.reshape(r, h, nb * bs, hs), v.reshape(r, h, nb * bs, hs)
+
+    def block_views(self, kv_cache: torch.Tensor, block_ids: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like :meth:`gather_blocks` but ``[R, kv_heads, nb, block_size, head_size]`` views of one
+        gathered copy, so a caller can convert and place them with a single copy."""
         r, nb = block_ids.shape
         bs, hs = self.block_size, self.head_size
         h = kv_cache.shape[1]
@@ -104,7 +112,7 @@ class CpuKVLayout:
             v = v_region.reshape(r, nb, h, bs, hs).permute(0, 2, 1, 3, 4)
         else:
             v = flat.index_select(-1, self.v_index.reshape(-1)).view(r, nb, h, bs, hs).permute(0, 2, 1, 3, 4)
-        return k.reshape(r, h, nb * bs, hs), v.reshape(r, h, nb * bs, hs)
+        return k, v
 
     def copy_slots(self, kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy K/V of ``src`` slots to ``dst`` slots (all sources read before any write)."""
