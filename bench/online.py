@@ -98,7 +98,10 @@ def server(model: str, flags: list[str], log_path: Path, timeout: float) -> Iter
     with open(log_path, "w") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # Dev mode adds /collective_rpc (loopback only here), through which the medusa_tree
+        # server's policy measurements are read after each run.
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "VLLM_SERVER_DEV_MODE": "1"})
         base = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + timeout
@@ -121,6 +124,17 @@ def server(model: str, flags: list[str], log_path: Path, timeout: float) -> Iter
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
+
+
+def medusa_stats(base: str) -> dict | None:
+    """The medusa_tree runner's counters and policy measurements, or None on other servers."""
+    import httpx
+
+    with contextlib.suppress(httpx.HTTPError, KeyError, IndexError, ValueError):
+        resp = httpx.post(f"{base}/collective_rpc", json={"method": "medusa_stats"}, timeout=30)
+        if resp.status_code == 200:
+            return resp.json()["results"][0]
+    return None
 
 
 def spec_counters(base: str) -> tuple[float, float]:
@@ -218,7 +232,7 @@ def summarize(name: str, rate: float, records: list[dict], duration: float, coun
 def aggregate(runs: list[dict], requests: dict[str, list[dict]]) -> list[dict]:
     """One row per (server, rate): medians over repeats; ratios to plain taken per repeat (the plain
     run next to it), then their median; texts compared with plain's run of the same repeat."""
-    keys = [k for k in runs[0] if k not in ("server", "rate", "repeat")] if runs else []
+    keys = [k for k in runs[0] if k not in ("server", "rate", "repeat", "medusa_stats")] if runs else []
     plain = {(r["rate"], r["repeat"]): r for r in runs if r["server"] == "plain"}
     rows = []
     for name, rate in dict.fromkeys((r["server"], r["rate"]) for r in runs):
@@ -319,6 +333,9 @@ def main() -> None:
                         continue
                     counters = (after[0] - before[0], after[1] - before[1])
                     runs.append({**summarize(name, rate, records, duration, counters), "repeat": rep})
+                    stats = medusa_stats(bases[name]) if name != "plain" else None
+                    if stats is not None:  # cumulative over the server's life
+                        runs[-1]["medusa_stats"] = {k: stats.get(k) for k in ("steps", "tree_steps", "policy")}
                     requests[f"{name}@{rate:g}#{rep}"] = records
                     bar.update(1)
     rows = aggregate(runs, requests)
