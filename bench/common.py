@@ -146,8 +146,11 @@ def vllm_medusa_heads(model: str, heads: str) -> str:
     from vllm_medusa.demo import cache_root
     from vllm_medusa.heads import convert_to_vllm_medusa
 
+    import vllm_medusa.heads
+
     folder = Path(heads)
-    stamp = [str(folder.resolve()), str(Path(model).resolve())]
+    converter = Path(vllm_medusa.heads.__file__).stat()
+    stamp = [str(folder.resolve()), str(Path(model).resolve()), f"{converter.st_size}:{converter.st_mtime_ns}"]
     stamp += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(folder.iterdir())]
     target = cache_root() / "bench" / ("vllm-medusa-" + hashlib.sha1("|".join(stamp).encode()).hexdigest()[:12])
     if (target / "config.json").is_file():

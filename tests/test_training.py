@@ -159,8 +159,10 @@ def test_converted_heads_run_in_upstream_chain_medusa(tiny, features_dir, tmp_pa
     """Upstream vLLM 0.32 chain Medusa loads the converted checkpoint; greedy output is unchanged."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cfg = TrainConfig(num_heads=NUM_HEADS, lr=3e-3, batch_size=64, compute_dtype="float32")
+    cfg = TrainConfig(num_heads=NUM_HEADS, lr=3e-3, batch_size=64, compute_dtype="float32",
+                      softmax_vocab="data")
     heads = train_heads(features_dir, cfg, max_steps=20, progress=False).heads
+    assert heads.token_map is not None  # upstream gets the full vocabulary (it cannot load a token_map)
     save_medusa_heads(heads, tmp_path / "heads", str(tiny))
     feats = load_features(features_dir)
     out = convert_to_vllm_medusa(tmp_path / "heads", tmp_path / "vllm", feats.lm_head, dtype=torch.float32)

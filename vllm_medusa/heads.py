@@ -555,7 +555,7 @@ def convert_to_vllm_medusa(heads_dir: str | os.PathLike, out_dir: str | os.PathL
     """Write vLLM 0.32's ``MedusaModel`` layout so upstream chain Medusa can load the heads.
 
     Upstream has no shared-lm_head mode, so a shared projection is materialised into every head's
-    ``lm_heads.{h}.weight``. Blocks keep their biases (``medusa_fc_bias: true``); upstream's
+    ``lm_heads.{h}.weight``, over the full vocabulary even for heads with a draft vocabulary. Blocks keep their biases (``medusa_fc_bias: true``); upstream's
     ``MedusaConfig`` maps any config key containing "num"+"heads"/"layers", so no other such key is
     written.
     """
@@ -573,6 +573,13 @@ def convert_to_vllm_medusa(heads_dir: str | os.PathLike, out_dir: str | os.PathL
             sd[f"blocks.{h}.layers.{layer}.bias"] = (
                 heads.block_bias[h, layer] if heads.block_bias is not None
                 else torch.zeros(heads.hidden_size)).to(dtype)
+    if heads.token_map is not None and heads.shared_lm_head:
+        # vLLM 0.32's MedusaModel cannot load a token_map (its load_weights does not report the
+        # parameter it creates, and the loader then fails), so upstream gets the full vocabulary.
+        heads.token_map = None
+    elif heads.token_map is not None:
+        raise _fail(heads_dir, "vLLM 0.32's MedusaModel cannot load a reduced vocabulary (token_map), "
+                               "and these heads have their own reduced projections")
     proj = heads.projection_per_head(None if lm_head_weight is None else lm_head_weight.detach())
     for h in range(heads.num_heads):
         sd[f"lm_heads.{h}.weight"] = proj[h].to(dtype).clone()
@@ -592,8 +599,6 @@ def convert_to_vllm_medusa(heads_dir: str | os.PathLike, out_dir: str | os.PathL
         "topk": 10,
         "torch_dtype": _dtype_name(dtype),
     }
-    if heads.token_map is not None:
-        sd["token_map"] = heads.token_map
     _save_safetensors(sd, out / VLLM_WEIGHTS, {"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
