@@ -143,13 +143,11 @@ def local_model_dir(model: str) -> str:
 
 def vllm_medusa_heads(model: str, heads: str) -> str:
     """The heads converted for upstream `method="medusa"`, cached under .cache/bench/ by content."""
+    import vllm_medusa.heads as heads_module
     from vllm_medusa.demo import cache_root
-    from vllm_medusa.heads import convert_to_vllm_medusa
-
-    import vllm_medusa.heads
 
     folder = Path(heads)
-    converter = Path(vllm_medusa.heads.__file__).stat()
+    converter = Path(heads_module.__file__).stat()
     stamp = [str(folder.resolve()), str(Path(model).resolve()), f"{converter.st_size}:{converter.st_mtime_ns}"]
     stamp += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(folder.iterdir())]
     target = cache_root() / "bench" / ("vllm-medusa-" + hashlib.sha1("|".join(stamp).encode()).hexdigest()[:12])
@@ -158,7 +156,7 @@ def vllm_medusa_heads(model: str, heads: str) -> str:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
-        convert_to_vllm_medusa(folder, tmp, lm_head_weight(local_model_dir(model)))
+        heads_module.convert_to_vllm_medusa(folder, tmp, lm_head_weight(local_model_dir(model)))
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -75,7 +75,7 @@ def test_compaction_moves_skip_rows_in_place():
 
 
 @pytest.mark.parametrize("kind", ["transposed", "plain", "shuffled"])
-def test_gather_blocks_matches_slot_gather(kind):
+def test_block_views_match_slot_gather(kind):
     bs, hs, nb, h = 16, 32, 5, 2
     n = bs * hs
     if kind == "transposed":
@@ -87,7 +87,7 @@ def test_gather_blocks_matches_slot_gather(kind):
         layout = CpuKVLayout(perm[:n].view(bs, hs), perm[n:].view(bs, hs), bs, hs)
     kv = torch.randn(nb, h, bs, 2 * hs)
     block_ids = torch.tensor([[3, 1], [4, 0]])
-    k, v = layout.gather_blocks(kv, block_ids)
+    k, v = (x.reshape(2, h, -1, hs) for x in layout.block_views(kv, block_ids))
     for r in range(2):
         slots = (block_ids[r, :, None] * bs + torch.arange(bs)).reshape(-1)
         gk, gv = layout.gather(kv, slots)

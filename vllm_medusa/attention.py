@@ -35,13 +35,13 @@ class TreeAttentionBatch:
     block_ids: torch.Tensor  # [R, B] int64
     mask: torch.Tensor  # [R, N, B * block_size + N] bool
     all_valid: bool
+    single_start: int | None = None  # first batch row when there is one tree request
     _head_masks: dict = field(default_factory=dict, repr=False)
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """``x [T, ...]`` at the tree rows, ``[R, N, ...]``: a view when there is one tree request."""
-        if self.row_index.shape[0] == 1 and self.all_valid:
-            start, n = int(self.row_index[0, 0]), self.row_index.shape[1]
-            return x[start:start + n].unsqueeze(0)
+        if self.single_start is not None:
+            return x[self.single_start:self.single_start + self.row_index.shape[1]].unsqueeze(0)
         return x[self.row_index]
 
     def head_mask(self, g: int) -> torch.Tensor:
@@ -77,8 +77,10 @@ class TreeAttentionBatch:
             mask[i, :k, :ctx] = True
             mask[i, :k, c:c + k] = masks_to_dense(torch.tensor(masks, dtype=torch.int64), k)
             mask[i, k:, c + k:] = torch.eye(n - k, dtype=torch.bool)  # padding rows: no NaN
+        all_valid = bool(row_valid.all())
         return TreeAttentionBatch(row_index.to(device), row_valid.to(device), blocks.to(device),
-                                  mask.to(device), bool(row_valid.all()))
+                                  mask.to(device), all_valid,
+                                  query_starts[0] if r == 1 and all_valid else None)
 
 
 def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -555,9 +555,9 @@ def convert_to_vllm_medusa(heads_dir: str | os.PathLike, out_dir: str | os.PathL
     """Write vLLM 0.32's ``MedusaModel`` layout so upstream chain Medusa can load the heads.
 
     Upstream has no shared-lm_head mode, so a shared projection is materialised into every head's
-    ``lm_heads.{h}.weight``, over the full vocabulary even for heads with a draft vocabulary. Blocks keep their biases (``medusa_fc_bias: true``); upstream's
-    ``MedusaConfig`` maps any config key containing "num"+"heads"/"layers", so no other such key is
-    written.
+    ``lm_heads.{h}.weight``, over the full vocabulary even for heads with a draft vocabulary. Blocks
+    keep their biases (``medusa_fc_bias: true``); upstream's ``MedusaConfig`` maps any config key
+    containing "num"+"heads"/"layers", so no other such key is written.
     """
     heads_dir = Path(heads_dir)
     hidden, vocab = _infer_sizes(heads_dir, lm_head_weight)

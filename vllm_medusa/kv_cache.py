@@ -85,18 +85,11 @@ class CpuKVLayout:
         v = flat[blocks[:, None], :, self.v_index[offs]]
         return k.transpose(1, 2), v.transpose(1, 2)
 
-    def gather_blocks(self, kv_cache: torch.Tensor, block_ids: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of whole blocks, ``block_ids [R, nb]`` -> two ``[R, kv_heads, nb * block_size,
-        head_size]`` tensors (token order within each request), ready for attention."""
-        k, v = self.block_views(kv_cache, block_ids)
-        r, h, nb, bs, hs = k.shape
-        return k.reshape(r, h, nb * bs, hs), v.reshape(r, h, nb * bs, hs)
-
     def block_views(self, kv_cache: torch.Tensor, block_ids: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Like :meth:`gather_blocks` but ``[R, kv_heads, nb, block_size, head_size]`` views of one
-        gathered copy, so a caller can convert and place them with a single copy."""
+        """K and V of whole blocks, ``block_ids [R, nb]`` -> two ``[R, kv_heads, nb, block_size,
+        head_size]`` views (token order within each request) of one gathered copy, so a caller can
+        convert and place them with a single copy."""
         r, nb = block_ids.shape
         bs, hs = self.block_size, self.head_size
         h = kv_cache.shape[1]

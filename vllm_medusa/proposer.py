@@ -128,9 +128,7 @@ class MedusaTreeProposer:
             logits = self.compute_logits(x.reshape(-1, x.shape[-1]).to(hidden.dtype))
             if logits is not None:
                 logits = logits.view(num_heads, hidden.shape[0], -1)[..., : heads.vocab_size]
-                if heads.token_map is not None:
-                    logits = logits[..., heads.token_map]
-                return heads.map_tokens(logits.topk(k, dim=-1).indices)
+                return logits.topk(k, dim=-1).indices  # no token_map here: draft_projection has it
         return heads.topk_token_ids(hidden, k, self.lm_head_weight, num_heads=num_heads)
 
     def propose(self, *args, **kwargs):
