@@ -59,6 +59,11 @@ def test_engine_args_translation(demo_model, demo_heads):
     assert config.parallel_config.worker_cls.startswith("vllm_medusa.")
     assert config.additional_config["medusa_tree"]["tree"] == "chain-2"
     assert config.scheduler_config.scheduler_cls == "vllm_medusa.scheduler.MedusaScheduler"
+    from vllm.v1.executor.abstract import Executor
+
+    from vllm_medusa.executor import MedusaMultiprocExecutor
+
+    assert Executor.get_class(config) is MedusaMultiprocExecutor  # on this CPU vLLM runs "mp"
 
 
 @pytest.mark.parametrize("problem", ["wrong_hidden", "deep_tree", "garbage"])

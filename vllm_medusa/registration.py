@@ -9,7 +9,8 @@
   ``method="custom_class"`` (the drafter), ``worker_cls`` (the Medusa runner) and
   ``additional_config["medusa_tree"]`` (the options, since ``SpeculativeConfig`` forbids extra keys),
   and, unless another scheduler is configured, ``scheduler_cls`` (``scheduler.py``: no drafts in
-  steps that admit prefills).
+  steps that admit prefills); vLLM's multiprocess executor becomes ``executor.py``'s (drafts come
+  with the step's output, not by a second RPC).
 
 The hooks are checked against the installed vLLM when medusa_tree is first used, with an error
 naming what is missing.
@@ -42,6 +43,10 @@ REQUIRED_HOOKS = [
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.propose_draft_token_ids"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._update_states"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.execute_model"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.sample_tokens"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.take_draft_token_ids"),
+    ("vllm.v1.executor.multiproc_executor", "MultiprocExecutor.sample_tokens"),
+    ("vllm.v1.executor.multiproc_executor", "MultiprocExecutor.take_draft_token_ids"),
     ("vllm.v1.core.sched.scheduler", "Scheduler.schedule"),
 ]
 CPU_HOOKS = [
@@ -157,6 +162,17 @@ def use_medusa_scheduler(vllm_config: Any) -> None:
         sched.scheduler_cls = SCHEDULER_CLASS
 
 
+def use_medusa_executor(vllm_config: Any) -> None:
+    """The multiprocess executor that takes drafts from the step's output (``executor.py``) where
+    vLLM's own would run; other executors (uni, Ray, a user's class) are left as they are."""
+    parallel = vllm_config.parallel_config
+    if (ADDITIONAL_CONFIG_KEY in (vllm_config.additional_config or {})
+            and parallel.distributed_executor_backend == "mp"):
+        from vllm_medusa.executor import EXECUTOR_CLASS
+
+        parallel.distributed_executor_backend = EXECUTOR_CLASS
+
+
 def _add_cli_args(parser):
     group = parser.add_argument_group("Medusa tree speculative decoding (vllm-medusa)")
     group.add_argument("--speculative-model", default=None, metavar="medusa:HEADS_DIR",
@@ -196,6 +212,7 @@ def register() -> None:
         config = create(self, *a, **kw)
         precheck_heads(config)
         use_medusa_scheduler(config)
+        use_medusa_executor(config)
         return config
 
     add_cli_args = EngineArgs.add_cli_args

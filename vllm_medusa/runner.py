@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from vllm_medusa.attention import TreeAttentionBatch, paged_tree_attention
+from vllm_medusa.executor import DRAFTS_ATTR
 from vllm_medusa.kv_cache import CpuKVLayout, compaction_moves
 from vllm_medusa.proposer import MedusaTreeProposer
 from vllm_medusa.trees import MedusaTree, chain
@@ -285,6 +286,15 @@ class MedusaTreeRunnerMixin:
             TREE_ATTENTION.batch = None
             if PROFILE:
                 self.medusa_stats.add_time("tree_attention", TREE_ATTENTION.seconds)
+
+    def sample_tokens(self, grammar_output):
+        """vLLM's, with the next drafts attached to the output (``executor.py``: no second RPC)."""
+        output = super().sample_tokens(grammar_output)
+        from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+
+        if type(output) is ModelRunnerOutput and output is not EMPTY_MODEL_RUNNER_OUTPUT:
+            setattr(output, DRAFTS_ATTR, self.take_draft_token_ids())
+        return output
 
     def _update_states(self, scheduler_output):
         for req_id in scheduler_output.finished_req_ids:
