@@ -377,6 +377,10 @@ class MedusaTreeRunnerMixin:
             return drafts
         t_draft = time.perf_counter()
         step_tree = self.drafter.step_tree(len(active))
+        emitted = sum(len(sampled_token_ids[b]) for b in active)
+        if step_tree.num_nodes == 0:  # no speculation next step: nothing to draft
+            self._medusa_clock.step_done(len(active), step_tree, emitted, time.perf_counter() - t_draft)
+            return drafts
         caps = [min(step_tree.num_nodes, self._medusa_room(batch.req_ids[b])) for b in active]
         hidden = sample_hidden_states[torch.tensor([rows[b] for b in active],
                                                    device=sample_hidden_states.device)]
@@ -385,9 +389,7 @@ class MedusaTreeRunnerMixin:
         for b, d, tree in zip(active, proposed, trees):
             drafts[b] = d
             self._medusa_trees[batch.req_ids[b]] = tree
-        self._medusa_clock.step_done(len(active), step_tree,
-                                     sum(len(sampled_token_ids[b]) for b in active),
-                                     time.perf_counter() - t_draft)
+        self._medusa_clock.step_done(len(active), step_tree, emitted, time.perf_counter() - t_draft)
         return drafts
 
     def _medusa_room(self, req_id: str) -> int:
