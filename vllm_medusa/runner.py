@@ -304,9 +304,11 @@ class MedusaTreeRunnerMixin:
     # -- verification --------------------------------------------------------------------------
     def _sample(self, logits, spec_decode_metadata):
         step = self._medusa_step
-        if spec_decode_metadata is None or step is None:
+        if spec_decode_metadata is None or step is None or all(t is None for t in step.trees):
+            # vLLM builds spec metadata every step of a speculative engine; without drafts in this
+            # step (one row per request) its plain sampler is exactly right and cheaper.
             self._medusa_last_rows = None
-            return super()._sample(logits, spec_decode_metadata)
+            return super()._sample(logits, None)
         from vllm.v1.outputs import SamplerOutput
 
         sampling_metadata = self.input_batch.sampling_metadata
