@@ -11,6 +11,10 @@ a plain-torch module:
   accepted branch's K/V are moved into place (``kv_cache.py``);
 - ``propose_draft_token_ids``: the heads run on the hidden state of each request's last accepted
   node (``proposer.py``), and each request's tree is remembered for the next step.
+
+Two more keep a speculative engine that drafts nothing as cheap as plain decoding: ``_sample`` takes
+vLLM's plain sampler in steps without drafts, and ``sample_tokens`` attaches the next drafts to the
+step's output (``executor.py``).
 """
 
 from __future__ import annotations
