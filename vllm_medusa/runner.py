@@ -29,7 +29,6 @@ import numpy as np
 import torch
 
 from vllm_medusa.attention import TreeAttentionBatch, paged_tree_attention
-from vllm_medusa.executor import DRAFTS_ATTR
 from vllm_medusa.kv_cache import CpuKVLayout, compaction_moves
 from vllm_medusa.proposer import MedusaTreeProposer
 from vllm_medusa.trees import MedusaTree, chain
@@ -295,6 +294,8 @@ class MedusaTreeRunnerMixin:
         """vLLM's, with the next drafts attached to the output (``executor.py``: no second RPC)."""
         output = super().sample_tokens(grammar_output)
         from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+
+        from vllm_medusa.executor import DRAFTS_ATTR
 
         if type(output) is ModelRunnerOutput and output is not EMPTY_MODEL_RUNNER_OUTPUT:
             setattr(output, DRAFTS_ATTR, self.take_draft_token_ids())
