@@ -299,3 +299,88 @@ def test_draft_vocab_projection_matches_restricted_lm_head(dtype):
     assert logits.shape == (7, 200)
     torch.testing.assert_close(logits.float(), expected, atol=0.1, rtol=0.02)
     assert torch.equal(logits.float().topk(3).indices, expected.topk(3).indices)
+
+
+# --- token-conditioned heads ---------------------------------------------------------------------
+
+
+def test_token_conditioned_heads_match_reference_and_roundtrip(tmp_path, hidden):
+    """The first block also sees the produced token's embedding: x + SiLU(W x + U e + b)."""
+    heads = MedusaHeads(K, L, H, V, shared_lm_head=True, token_conditioned=True, dtype=torch.float32)
+    for p in (heads.block_weight, heads.block_bias, heads.token_weight):
+        torch.nn.init.normal_(p, std=0.3)
+    lm_head, embeds = torch.randn(V, H), torch.randn(B, H)
+    want = []
+    for h in range(K):
+        x = hidden
+        for layer in range(L):
+            pre = F.linear(x, heads.block_weight[h, layer], heads.block_bias[h, layer])
+            if layer == 0:
+                pre = pre + F.linear(embeds, heads.token_weight[h])
+            x = x + F.silu(pre)
+        want.append(x @ lm_head.T)
+    got = heads(hidden, lm_head, token_embeds=embeds)
+    torch.testing.assert_close(got, torch.stack(want))
+    assert not torch.allclose(got, heads(hidden, lm_head, token_embeds=torch.zeros(B, H)))
+
+    save_medusa_heads(heads, tmp_path / "tc", "some/base", dtype=torch.float32)
+    assert json.loads((tmp_path / "tc" / "config.json").read_text())["token_conditioned"] is True
+    again = load(tmp_path / "tc")
+    assert again.token_conditioned
+    torch.testing.assert_close(again(hidden, lm_head, token_embeds=embeds), got)
+    with pytest.raises(MedusaHeadsError, match="token-conditioned heads cannot run as vLLM 0.32's MedusaModel"):
+        convert_to_vllm_medusa(tmp_path / "tc", tmp_path / "vllm", lm_head)
+
+
+def test_token_embeds_are_required_exactly_for_token_conditioned_heads(hidden):
+    tc = MedusaHeads(K, L, H, V, token_conditioned=True, dtype=torch.float32)
+    plain = MedusaHeads(K, L, H, V, dtype=torch.float32)
+    lm_head = torch.randn(V, H)
+    with pytest.raises(ValueError, match="token-conditioned: pass token_embeds"):
+        tc(hidden, lm_head)
+    with pytest.raises(ValueError, match="not token-conditioned"):
+        plain(hidden, lm_head, token_embeds=torch.zeros(B, H))
+    with pytest.raises(ValueError, match="token_embeds must be"):
+        tc(hidden, lm_head, token_embeds=torch.zeros(B + 1, H))
+    with pytest.raises(ValueError, match="at least one residual block"):
+        MedusaHeads(K, 0, H, V, token_conditioned=True)
+
+
+def test_token_conditioned_checkpoint_errors(tmp_path):
+    blocks, _ = make_weights(own_proj=False)
+    sd = fd_state_dict(blocks, None)
+    sd.update({f"{h}.token.weight": torch.zeros(H, H) for h in range(K - 1)})  # one head short
+    save_file(sd, str(tmp_path / "medusa_lm_head.safetensors"))
+    with pytest.raises(MedusaHeadsError, match=r"token weights for heads \[0, 1\], but the checkpoint has heads \[0, 1, 2\]"):
+        load(tmp_path)
+    sd = fd_state_dict(blocks, None)
+    sd.update({f"{h}.token.weight": torch.zeros(H + 1, H + 1) for h in range(K)})
+    save_file(sd, str(tmp_path / "medusa_lm_head.safetensors"))
+    with pytest.raises(MedusaHeadsError, match="hidden size 17 but the base model has 16"):
+        load(tmp_path)
+    write_config(tmp_path, token_conditioned=True)
+    save_file(fd_state_dict(blocks, None), str(tmp_path / "medusa_lm_head.safetensors"))
+    with pytest.raises(MedusaHeadsError, match="config says token_conditioned"):
+        load(tmp_path)
+
+
+def test_proposer_feeds_the_produced_token_to_token_conditioned_heads():
+    """``propose_trees`` embeds each request's last token with the base model's input embedding."""
+    from vllm_medusa.proposer import MedusaTreeProposer
+    from vllm_medusa.trees import MedusaTree, chain
+
+    g = torch.Generator().manual_seed(0)
+    heads = MedusaHeads(2, 1, H, V, token_conditioned=True, dtype=torch.float32)
+    for p in (heads.block_weight, heads.token_weight):
+        p.data.normal_(0, 1.0, generator=g)
+    emb, lm_head = torch.randn(V, H, generator=g), torch.randn(V, H, generator=g)
+    proposer = MedusaTreeProposer.__new__(MedusaTreeProposer)
+    proposer.heads, proposer.lm_head_weight, proposer.draft_projection = heads, lm_head, None
+    proposer.compute_logits = None
+    proposer.embed_tokens = lambda ids: emb[ids]
+    hidden, tokens = torch.randn(3, H, generator=g), [4, 9, 4]
+    drafts, _ = proposer.propose_trees(hidden, MedusaTree.from_paths(chain(2)), [2, 2, 2], tokens)
+    want = heads(hidden, lm_head, token_embeds=emb[torch.tensor(tokens)]).argmax(-1).t().tolist()
+    assert drafts == want
+    with pytest.raises(ValueError, match="need the tokens just produced"):
+        proposer.propose_trees(hidden, MedusaTree.from_paths(chain(2)), [2, 2, 2])

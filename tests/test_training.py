@@ -85,6 +85,32 @@ def test_training_lowers_the_loss(features_dir, softmax_vocab):
         assert bool((token_map[1:] > token_map[:-1]).all())
 
 
+def test_token_conditioned_training(tiny, features_dir, tmp_path):
+    """Heads that also see the produced token's input embedding train, save and reload."""
+    feats = load_features(features_dir)
+    _, model = load_backbone(tiny, torch.float32)
+    rows = torch.arange(8)
+    torch.testing.assert_close(feats.token_embeds(rows),
+                               model.get_input_embeddings().weight[feats.tokens[rows].long()])
+    cfg = TrainConfig(num_heads=NUM_HEADS, num_layers=1, lr=3e-3, epochs=100, batch_size=64,
+                      heldout_fraction=0.2, compute_dtype="float32", token_conditioned=True)
+    result = train_heads(feats, cfg, max_steps=40, progress=False)
+    h = result.loss_history
+    assert sum(h[-5:]) / 5 < 0.8 * sum(h[:5]) / 5
+    heads = result.heads
+    assert heads.token_conditioned and heads.token_weight.abs().sum() > 0
+    vocab, hidden = feats.lm_head.shape
+    with torch.no_grad():
+        want = heads(feats.hidden[rows], feats.lm_head, token_embeds=feats.token_embeds(rows))
+    save_medusa_heads(heads, tmp_path / "tc", "tiny", dtype=torch.float32)
+    again = load_medusa_heads(tmp_path / "tc", hidden_size=hidden, vocab_size=vocab, dtype=torch.float32)
+    torch.testing.assert_close(again(feats.hidden[rows], feats.lm_head,
+                                     token_embeds=feats.token_embeds(rows)), want)
+    feats.embed_tokens = None  # a cache from before token conditioning
+    with pytest.raises(ValueError, match="rerun the features stage"):
+        train_heads(feats, cfg, max_steps=1, progress=False)
+
+
 def test_heads_start_as_identity(features_dir):
     """Zero-initialised blocks: before training every head reproduces the base model's logits."""
     from vllm_medusa.heads import MedusaHeads

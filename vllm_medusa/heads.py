@@ -5,6 +5,13 @@ Head k maps the base model's last hidden state at position t to logits for token
 vocab projection: its own, one projection shared by all heads (vLLM ``original_lm_head``), or the
 base model's ``lm_head`` passed in at call time (``shared_lm_head``, the "v2"/TGI style).
 
+Token-conditioned heads (an extension, ``token_conditioned`` in the config) also see the input
+embedding of the token the base model has just produced from that hidden state (the bonus token of
+the step): the first block computes ``SiLU(W x + U e(token) + b)``. Plain Medusa heads guess t+2
+without knowing t+1; given it, head 0's held-out top-1 on the demo model rises from 0.30 to 0.38
+(Hydra and EAGLE feed drafted tokens back in the same way). The tree and verification are unchanged:
+every request's token is known before its tree is drafted.
+
 Weights are stacked across heads so a forward pass is one batched matmul per block layer and one
 GEMM for the projection, instead of a Python loop over heads.
 """
@@ -35,6 +42,7 @@ _FD_BLOCK = re.compile(r"^(\d+)\.(\d+)\.linear\.(weight|bias)$")
 _FD_PROJ = re.compile(r"^(\d+)\.(\d+)\.(weight|bias)$")
 _VLLM_BLOCK = re.compile(r"^blocks\.(\d+)\.layers\.(\d+)\.(weight|bias)$")
 _VLLM_PROJ = re.compile(r"^lm_heads\.(\d+)\.(weight|bias)$")
+_FD_TOKEN = re.compile(r"^(\d+)\.token\.weight$")
 _SINGLE_PROJ = re.compile(r"^(?:lm_head|original_lm_head)(?:\.(weight|bias))?$")
 
 
@@ -49,15 +57,19 @@ class MedusaHeads(nn.Module):
     ``block_bias [K, L, H]``, and unless ``shared_lm_head`` a projection ``proj_weight [P, V', H]``
     with P = K (one per head) or P = 1 (one for all heads), optional ``proj_bias [P, V']``.
     V' is ``vocab_size``, or ``len(token_map)`` when the heads predict over a reduced vocabulary.
+    Token-conditioned heads have ``token_weight [K, H, H]`` (first block, applied to the embedding).
     """
 
     def __init__(self, num_heads: int, num_layers: int, hidden_size: int, vocab_size: int, *,
                  shared_lm_head: bool = True, block_bias: bool = True, proj_bias: bool = False,
                  num_projections: int | None = None, token_map: Tensor | None = None,
+                 token_conditioned: bool = False,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None):
         super().__init__()
         if num_heads < 1 or num_layers < 0:
             raise ValueError(f"need >= 1 head and >= 0 layers, got {num_heads} heads, {num_layers} layers")
+        if token_conditioned and num_layers < 1:
+            raise ValueError("token-conditioned heads need at least one residual block")
         self.num_heads = num_heads
         self.num_layers = num_layers
         self.hidden_size = hidden_size
@@ -67,6 +79,8 @@ class MedusaHeads(nn.Module):
         self.block_weight = nn.Parameter(torch.zeros(num_heads, num_layers, hidden_size, hidden_size, **kw))
         self.block_bias = (nn.Parameter(torch.zeros(num_heads, num_layers, hidden_size, **kw))
                            if block_bias else None)
+        self.token_weight = (nn.Parameter(torch.zeros(num_heads, hidden_size, hidden_size, **kw))
+                             if token_conditioned else None)
         if token_map is not None:
             token_map = token_map.to(device=device, dtype=torch.long)
         self.register_buffer("token_map", token_map)
@@ -83,6 +97,10 @@ class MedusaHeads(nn.Module):
             self.proj_bias = nn.Parameter(torch.zeros(p, out_vocab, **kw)) if proj_bias else None
 
     @property
+    def token_conditioned(self) -> bool:
+        return self.token_weight is not None
+
+    @property
     def out_vocab_size(self) -> int:
         """Width of the logits: the full vocabulary, or the reduced one under ``token_map``."""
         return self.vocab_size if self.token_map is None else int(self.token_map.numel())
@@ -90,13 +108,25 @@ class MedusaHeads(nn.Module):
     def extra_repr(self) -> str:
         kind = "shared base lm_head" if self.shared_lm_head else f"{self.proj_weight.shape[0]} projection(s)"
         tm = f", token_map={self.out_vocab_size}" if self.token_map is not None else ""
+        tc = ", token-conditioned" if self.token_conditioned else ""
         return (f"heads={self.num_heads}, layers={self.num_layers}, hidden={self.hidden_size}, "
-                f"vocab={self.vocab_size}, {kind}{tm}")
+                f"vocab={self.vocab_size}, {kind}{tm}{tc}")
 
-    def residual(self, hidden: Tensor, num_heads: int | None = None) -> Tensor:
-        """The residual blocks of the first ``num_heads`` heads (default all): ``[B, H] -> [K, B, H]``."""
+    def residual(self, hidden: Tensor, num_heads: int | None = None,
+                 token_embeds: Tensor | None = None) -> Tensor:
+        """The residual blocks of the first ``num_heads`` heads (default all): ``[B, H] -> [K, B, H]``.
+
+        ``token_embeds [B, H]``: input embeddings of the tokens produced from ``hidden`` (needed by,
+        and only by, token-conditioned heads).
+        """
         if hidden.dim() != 2 or hidden.shape[-1] != self.hidden_size:
             raise ValueError(f"hidden must be [B, {self.hidden_size}], got {tuple(hidden.shape)}")
+        if self.token_conditioned != (token_embeds is not None):
+            raise ValueError("these Medusa heads are token-conditioned: pass token_embeds"
+                             if self.token_conditioned else
+                             "token_embeds given, but these Medusa heads are not token-conditioned")
+        if token_embeds is not None and tuple(token_embeds.shape) != tuple(hidden.shape):
+            raise ValueError(f"token_embeds must be {tuple(hidden.shape)}, got {tuple(token_embeds.shape)}")
         k = self.num_heads if num_heads is None else num_heads
         x = hidden.to(self.block_weight.dtype).unsqueeze(0).expand(k, -1, -1)
         for layer in range(self.num_layers):
@@ -105,6 +135,9 @@ class MedusaHeads(nn.Module):
                 y = torch.baddbmm(self.block_bias[:k, layer].unsqueeze(1), x, w)
             else:
                 y = torch.bmm(x, w)
+            if layer == 0 and token_embeds is not None:
+                e = token_embeds.to(x.dtype).unsqueeze(0).expand(k, -1, -1)
+                y = torch.baddbmm(y, e, self.token_weight[:k].transpose(1, 2))
             x = x + F.silu(y)
         return x
 
@@ -121,7 +154,7 @@ class MedusaHeads(nn.Module):
         return w.unsqueeze(0)
 
     def forward(self, hidden: Tensor, lm_head_weight: Tensor | None = None,
-                num_heads: int | None = None) -> Tensor:
+                num_heads: int | None = None, token_embeds: Tensor | None = None) -> Tensor:
         """Logits ``[K, B, V']`` of the first ``num_heads`` heads (default all) for ``[B, H]``.
 
         V' is the reduced vocabulary when a ``token_map`` is set (see ``topk_token_ids``). A shared
@@ -130,7 +163,7 @@ class MedusaHeads(nn.Module):
         A single projection runs as one GEMM over all heads' rows: on CPUs the vocab projection is
         memory-bound, so reading its weight once instead of once per head is most of the cost.
         """
-        x = self.residual(hidden, num_heads)
+        x = self.residual(hidden, num_heads, token_embeds)
         k, b, h = x.shape
         w = self._projection(lm_head_weight).to(x.dtype)
         if w.shape[0] == 1:
@@ -147,9 +180,9 @@ class MedusaHeads(nn.Module):
         return indices if self.token_map is None else self.token_map[indices]
 
     def topk_token_ids(self, hidden: Tensor, k: int, lm_head_weight: Tensor | None = None,
-                       num_heads: int | None = None) -> Tensor:
+                       num_heads: int | None = None, token_embeds: Tensor | None = None) -> Tensor:
         """Token ids ``[K, B, k]`` of the first ``num_heads`` heads' k most likely tokens, best first."""
-        logits = self.forward(hidden, lm_head_weight, num_heads)
+        logits = self.forward(hidden, lm_head_weight, num_heads, token_embeds)
         return self.map_tokens(logits.topk(k, dim=-1).indices)
 
     def full_vocab_logits(self, logits: Tensor) -> Tensor:
@@ -166,6 +199,8 @@ class MedusaHeads(nn.Module):
             self.block_weight.zero_()
             if self.block_bias is not None:
                 self.block_bias.zero_()
+            if self.token_weight is not None:
+                self.token_weight.zero_()
 
     def projection_per_head(self, lm_head_weight: Tensor | None = None) -> Tensor:
         """The vocab projection of each head as ``[K, V', H]`` (expanded view; materialises shared)."""
@@ -180,6 +215,8 @@ class MedusaHeads(nn.Module):
                 bias = (self.block_bias[h, layer] if self.block_bias is not None
                         else torch.zeros_like(self.block_weight[h, layer, 0]))
                 sd[f"{h}.{layer}.linear.bias"] = bias.detach().clone()
+            if self.token_weight is not None:
+                sd[f"{h}.token.weight"] = self.token_weight[h].detach().clone()
             if not self.shared_lm_head:
                 p = h if self.proj_weight.shape[0] > 1 else 0
                 sd[f"{h}.{self.num_layers}.weight"] = self.proj_weight[p].detach().clone()
@@ -307,6 +344,7 @@ def _parse_keys(source: Path, tensors: dict[str, Tensor], config: Mapping[str, A
     fd_proj: dict[tuple[int, int, str], Tensor] = {}
     projs: dict[tuple[int, str], Tensor] = {}
     single: dict[str, Tensor] = {}
+    token_weights: dict[int, Tensor] = {}
     token_map = None
     unexpected = []
     for name, t in tensors.items():
@@ -316,6 +354,8 @@ def _parse_keys(source: Path, tensors: dict[str, Tensor], config: Mapping[str, A
             fd_proj[(int(m[1]), int(m[2]), m[3])] = t
         elif m := _VLLM_PROJ.match(name):
             projs[(int(m[1]), m[2])] = t
+        elif m := _FD_TOKEN.match(name):
+            token_weights[int(m[1])] = t
         elif m := _SINGLE_PROJ.match(name):
             single[m[1] or "weight"] = t
         elif name == "token_map":
@@ -374,7 +414,14 @@ def _parse_keys(source: Path, tensors: dict[str, Tensor], config: Mapping[str, A
         with_pbias = [h for h in heads if (h, "bias") in projs]
         if with_pbias and len(with_pbias) != num_heads:
             raise _fail(source, f"missing keys: only heads {with_pbias} have a projection bias")
-    return num_heads, num_layers, blocks, projs, single, token_map
+    if token_weights and sorted(token_weights) != heads:
+        raise _fail(source, f"token-conditioned heads: token weights for heads {sorted(token_weights)}, "
+                            f"but the checkpoint has heads {heads}")
+    if config.get("token_conditioned") and not token_weights:
+        raise _fail(source, "config says token_conditioned but there are no {h}.token.weight tensors")
+    if token_weights and num_layers < 1:
+        raise _fail(source, "token-conditioned heads need at least one residual block")
+    return num_heads, num_layers, blocks, projs, single, token_map, token_weights
 
 
 def _check_finite(source: Path, name: str, t: Tensor) -> None:
@@ -401,10 +448,12 @@ def load_medusa_heads(path: str | os.PathLike, *, hidden_size: int, vocab_size: 
     """
     path = Path(path)
     source, tensors, config = _locate(path)
-    num_heads, num_layers, blocks, projs, single, token_map = _parse_keys(source, tensors, config)
+    num_heads, num_layers, blocks, projs, single, token_map, token_weights = _parse_keys(
+        source, tensors, config)
 
     # Hidden size: every block is [H, H] and must match the base model.
-    for (h, layer, kind), t in sorted(blocks.items()):
+    token_items = [((h, "token", "weight"), t) for h, t in sorted(token_weights.items())]
+    for (h, layer, kind), t in sorted(blocks.items()) + token_items:
         _check_finite(source, f"head {h} block {layer} {kind}", t)
         want = (hidden_size, hidden_size) if kind == "weight" else (hidden_size,)
         if tuple(t.shape) != want:
@@ -469,7 +518,7 @@ def load_medusa_heads(path: str | os.PathLike, *, hidden_size: int, vocab_size: 
     heads = MedusaHeads(num_heads, num_layers, hidden_size, vocab_size, shared_lm_head=shared,
                         block_bias=has_block_bias, proj_bias=proj_has_bias,
                         num_projections=1 if single else None, token_map=token_map,
-                        dtype=dtype, device=device)
+                        token_conditioned=bool(token_weights), dtype=dtype, device=device)
 
     def fit(t: Tensor) -> Tensor:
         if token_map is not None and t.shape[0] == vocab_size and out_vocab != vocab_size:
@@ -480,6 +529,8 @@ def load_medusa_heads(path: str | os.PathLike, *, hidden_size: int, vocab_size: 
         for (h, layer, kind), t in blocks.items():
             target = heads.block_weight if kind == "weight" else heads.block_bias
             target[h, layer].copy_(t)
+        for h, t in token_weights.items():
+            heads.token_weight[h].copy_(t)
         if single:
             heads.proj_weight[0].copy_(fit(single["weight"]))
             if "bias" in single:
@@ -533,6 +584,8 @@ def save_medusa_heads(heads: MedusaHeads, out_dir: str | os.PathLike,
     }
     if heads.token_map is not None:
         config["truncated_vocab_size"] = heads.out_vocab_size
+    if heads.token_conditioned:
+        config["token_conditioned"] = True
     if extra_config:
         config.update(extra_config)
     _save_safetensors(sd, out / FASTERDECODING_WEIGHTS, {"format": "pt"})
@@ -562,6 +615,9 @@ def convert_to_vllm_medusa(heads_dir: str | os.PathLike, out_dir: str | os.PathL
     heads_dir = Path(heads_dir)
     hidden, vocab = _infer_sizes(heads_dir, lm_head_weight)
     heads = load_medusa_heads(heads_dir, hidden_size=hidden, vocab_size=vocab, dtype=dtype)
+    if heads.token_conditioned:
+        raise _fail(heads_dir, "token-conditioned heads cannot run as vLLM 0.32's MedusaModel (its "
+                               "heads see the hidden state only); use method medusa_tree")
     if heads.shared_lm_head and lm_head_weight is None:
         raise _fail(heads_dir, "the heads share the base lm_head: pass lm_head_weight to materialise it")
     out = Path(out_dir)

@@ -65,6 +65,7 @@ class MedusaTreeProposer:
         self.heads: MedusaHeads | None = None
         self.lm_head_weight: torch.Tensor | None = None
         self.draft_projection: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.embed_tokens: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.tree: MedusaTree | None = None
         self.policy: TreeBudgetPolicy | None = None
 
@@ -85,6 +86,8 @@ class MedusaTreeProposer:
         self.draft_projection = (draft_vocab_projection(self.lm_head_weight, self.heads.token_map)
                                  if self.heads.shared_lm_head and self.heads.token_map is not None
                                  else None)
+        if self.heads.token_conditioned:
+            self.embed_tokens = input_embedding(target_model)
         self.tree = resolve_medusa_tree(self.options, self.heads.num_heads)
         self.policy = TreeBudgetPolicy.for_tree(self.tree, heads_accuracies(self.options.heads),
                                                 adaptive=self.options.adaptive,
@@ -99,10 +102,11 @@ class MedusaTreeProposer:
         return self.policy.choose(num_decoding)
 
     @torch.inference_mode()
-    def propose_trees(self, hidden: torch.Tensor, tree: MedusaTree, num_nodes: Sequence[int]
-                      ) -> tuple[list[list[int]], list[MedusaTree]]:
+    def propose_trees(self, hidden: torch.Tensor, tree: MedusaTree, num_nodes: Sequence[int],
+                      tokens: Sequence[int] | None = None) -> tuple[list[list[int]], list[MedusaTree]]:
         """Per request b: draft tokens and tree, from hidden states ``[B, H]`` of the last accepted
-        tokens: the step's ``tree`` cut to ``num_nodes[b]`` nodes (what the request may still emit).
+        tokens and ``tokens[b]``, the token just produced from that state (read by token-conditioned
+        heads only): the step's ``tree`` cut to ``num_nodes[b]`` nodes (what the request may still emit).
         Requests in one batch may get trees of different sizes; the scheduler may cut each one
         shorter again (token budget, max_model_len), which keeps a valid subtree.
         """
@@ -111,31 +115,49 @@ class MedusaTreeProposer:
         widest = max(trees, key=lambda t: t.num_nodes, default=None)
         if widest is None or widest.num_nodes == 0:
             return [[] for _ in trees], trees
-        topk_ids = self._topk_ids(hidden, max(widest.max_topk, 1), widest.depth)
+        embeds = None
+        if self.embed_tokens is not None:
+            if tokens is None:
+                raise ValueError("token-conditioned Medusa heads need the tokens just produced")
+            embeds = self.embed_tokens(torch.as_tensor(tokens, dtype=torch.long, device=hidden.device))
+        topk_ids = self._topk_ids(hidden, max(widest.max_topk, 1), widest.depth, embeds)
         drafts = draft_tree_tokens(topk_ids, widest).tolist()
         return [d[:t.num_nodes] for d, t in zip(drafts, trees)], trees
 
-    def _topk_ids(self, hidden: torch.Tensor, k: int, num_heads: int) -> torch.Tensor:
+    def _topk_ids(self, hidden: torch.Tensor, k: int, num_heads: int,
+                  embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids ``[num_heads, B, k]`` of the first heads' top-k guesses."""
         heads = self.heads
         assert heads is not None
         if self.draft_projection is not None:
-            x = heads.residual(hidden, num_heads).to(hidden.dtype)
+            x = heads.residual(hidden, num_heads, embeds).to(hidden.dtype)
             logits = self.draft_projection(x.reshape(-1, x.shape[-1]))
             return heads.map_tokens(logits.view(num_heads, hidden.shape[0], -1).topk(k, dim=-1).indices)
         if heads.shared_lm_head and self.compute_logits is not None:
-            x = heads.residual(hidden, num_heads)
+            x = heads.residual(hidden, num_heads, embeds)
             logits = self.compute_logits(x.reshape(-1, x.shape[-1]).to(hidden.dtype))
             if logits is not None:
                 logits = logits.view(num_heads, hidden.shape[0], -1)[..., : heads.vocab_size]
                 return logits.topk(k, dim=-1).indices  # no token_map here: draft_projection has it
-        return heads.topk_token_ids(hidden, k, self.lm_head_weight, num_heads=num_heads)
+        return heads.topk_token_ids(hidden, k, self.lm_head_weight, num_heads=num_heads,
+                                    token_embeds=embeds)
 
     def propose(self, *args, **kwargs):
         """vLLM's custom-proposer entry point; tree drafting needs hidden states, so refuse clearly."""
         raise RuntimeError("medusa_tree drafts from hidden states and must run in the Medusa worker "
                            "(worker_cls is set by the vllm-medusa plugin); do not use "
                            "method='custom_class' with this class directly")
+
+
+def input_embedding(target_model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The base model's token embedding (vLLM's ``embed_input_ids``; ``get_input_embeddings`` in
+    older releases), for token-conditioned heads."""
+    for name in ("embed_input_ids", "get_input_embeddings"):
+        fn = getattr(target_model, name, None)
+        if callable(fn):
+            return fn
+    raise RuntimeError(f"token-conditioned Medusa heads need the base model's input embedding; "
+                       f"{type(target_model).__name__} has no embed_input_ids")
 
 
 def draft_vocab_projection(lm_head_weight: torch.Tensor, token_map: torch.Tensor

@@ -392,7 +392,8 @@ class MedusaTreeRunnerMixin:
         hidden = sample_hidden_states[torch.tensor([rows[b] for b in active],
                                                    device=sample_hidden_states.device)]
         with _timed(self.medusa_stats, "heads_and_tree"):
-            proposed, trees = self.drafter.propose_trees(hidden, step_tree, caps)
+            proposed, trees = self.drafter.propose_trees(hidden, step_tree, caps,
+                                                         [sampled_token_ids[b][-1] for b in active])
         for b, d, tree in zip(active, proposed, trees):
             drafts[b] = d
             self._medusa_trees[batch.req_ids[b]] = tree

@@ -52,7 +52,9 @@ def evaluate_heads(model: str | os.PathLike, heads_dir: str | os.PathLike, featu
     heads = load_medusa_heads(heads_dir, hidden_size=hidden, vocab_size=vocab, dtype=torch.bfloat16)
     targets = feats.targets(heads.num_heads)
     all_ranks = head_ranks(heads, feats.hidden, targets,
-                           feats.lm_head if heads.shared_lm_head else None, topk=TOPK)
+                           feats.lm_head if heads.shared_lm_head else None, topk=TOPK,
+                           token_embeds=(feats.token_embeds(torch.arange(len(feats.tokens)))
+                                         if heads.token_conditioned else None))
     rows = (targets[:, 0] != IGNORE).nonzero().squeeze(1)
     ranks = all_ranks[rows]
     acc = rank_accuracies(ranks, TOPK)

@@ -6,7 +6,8 @@ position t (prompt length - 1 <= t <= last answer position - 1) is what the head
 token at t+1 has just been produced, and head k must then guess the token at t+2+k.
 
 A features directory holds ``meta.json``, ``lm_head.pt`` (the base model's output projection, for
-shared-lm_head training) and ``shard-NNNNN.pt`` files, each a dict with ``ids`` (record ids),
+shared-lm_head training), ``embed_tokens.pt`` (its input embedding, for token-conditioned heads)
+and ``shard-NNNNN.pt`` files, each a dict with ``ids`` (record ids),
 ``lengths`` (answer lengths), ``hidden`` ``[sum(lengths), H]`` and ``tokens`` (answer token ids).
 Row ``j`` of a record's block is the hidden state that predicts answer token ``j`` with the base
 ``lm_head``; head k predicts answer token ``j + 1 + k``.
@@ -112,6 +113,7 @@ def extract_features(model_path: str | os.PathLike, data_file: str | os.PathLike
     meta.update(hidden_size=int(lm_head.shape[1]), vocab_size=int(lm_head.shape[0]), num_shards=n_shards,
                 num_records=len(records))
     torch.save(lm_head.clone(), out / "lm_head.pt")
+    torch.save(model.get_input_embeddings().weight.detach().clone(), out / "embed_tokens.pt")
     total = sum(_seq_len(r) for r in records)
     bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True,
                mininterval=0.5 if sys.stderr.isatty() else 30)
@@ -143,6 +145,15 @@ class Features:
     ids: list[str]
     lm_head: torch.Tensor    # [V, H]
     meta: dict[str, Any]
+    embed_tokens: torch.Tensor | None = None  # [V, H] input embedding (older caches lack it)
+
+    def token_embeds(self, rows: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of the tokens produced at ``rows`` (what token-conditioned heads see)."""
+        if self.embed_tokens is None:
+            raise ValueError(f"features from {self.meta.get('model')} have no embed_tokens.pt (cached "
+                             "before token-conditioned heads): rerun the features stage, which keeps "
+                             "the shards and adds it")
+        return self.embed_tokens[self.tokens[rows].long()]
 
     @property
     def record_starts(self) -> torch.Tensor:
@@ -184,4 +195,6 @@ def load_features(features_dir: str | os.PathLike) -> Features:
                     lengths=torch.cat([s["lengths"] for s in shards]),
                     ids=[i for s in shards for i in s["ids"]],
                     lm_head=torch.load(d / "lm_head.pt", weights_only=True),
-                    meta=meta)
+                    meta=meta,
+                    embed_tokens=(torch.load(d / "embed_tokens.pt", weights_only=True)
+                                  if (d / "embed_tokens.pt").is_file() else None))

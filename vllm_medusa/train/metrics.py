@@ -27,8 +27,11 @@ def autocast(dtype: torch.dtype):
 @torch.inference_mode()
 def head_ranks(heads: MedusaHeads, hidden: torch.Tensor, targets: torch.Tensor,
                lm_head: torch.Tensor | None, *, topk: int = 10, batch_size: int = 512,
-               compute_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+               compute_dtype: torch.dtype = torch.bfloat16,
+               token_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """``[N, K]`` rank (0-based) of the target among each head's top-``topk`` guesses.
+
+    ``token_embeds [N, H]``: embeddings of the tokens produced at each row (token-conditioned heads).
 
     ``MISS`` (-1) when the target is not in the top-k, ``IGNORE`` where there is no target.
     """
@@ -38,7 +41,7 @@ def head_ranks(heads: MedusaHeads, hidden: torch.Tensor, targets: torch.Tensor,
     for start in range(0, n, batch_size):
         sl = slice(start, start + batch_size)
         with autocast(compute_dtype):
-            logits = heads(hidden[sl], w)
+            logits = heads(hidden[sl], w, token_embeds=None if token_embeds is None else token_embeds[sl])
         top = heads.map_tokens(logits.topk(topk, dim=-1).indices)  # [K, B, topk]
         tgt = targets[sl].t().unsqueeze(-1)  # [K, B, 1]
         hit = top == tgt

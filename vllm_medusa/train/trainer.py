@@ -4,7 +4,8 @@ Head k learns the token at t+2+k from the hidden state at t; the loss is ``sum_k
 (later heads are less predictable and would otherwise dominate the gradient). By default the heads
 share the frozen base ``lm_head``, so only the residual blocks (a few MB) are trained; the blocks
 start as the identity, as in the original Medusa, so every head starts out as the base model's
-next-token guess rather than as noise.
+next-token guess rather than as noise. ``token_conditioned`` heads also get the embedding of the
+token produced at t (``heads.py``), taken from the cached answer tokens.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class TrainConfig:
     # other tokens, and projecting onto its rows only makes drafting several times cheaper.
     # The held-out loss is over the full vocabulary, held-out ranks over what the heads can draft.
     softmax_vocab: str = "full"
+    token_conditioned: bool = False
     seed: int = 0
     compute_dtype: str = "bfloat16"
 
@@ -123,7 +125,14 @@ def train_heads(features: Features | str | os.PathLike, config: TrainConfig | No
 
     vocab, hidden_size = feats.lm_head.shape
     heads = MedusaHeads(cfg.num_heads, cfg.num_layers, hidden_size, vocab,
-                        shared_lm_head=cfg.shared_lm_head, dtype=torch.float32)
+                        shared_lm_head=cfg.shared_lm_head, token_conditioned=cfg.token_conditioned,
+                        dtype=torch.float32)
+
+    def embeds(rows: torch.Tensor) -> torch.Tensor | None:
+        return feats.token_embeds(rows).to(cdtype) if cfg.token_conditioned else None
+
+    if cfg.token_conditioned:
+        embeds(train_rows[:1])  # fail now, not after the first epoch, if the cache lacks them
     heads.zero_blocks()
     lm_head = feats.lm_head.to(cdtype)
     if not cfg.shared_lm_head:
@@ -165,7 +174,8 @@ def train_heads(features: Features | str | os.PathLike, config: TrainConfig | No
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, total, warmup, cfg.lr)
         with autocast(cdtype):
-            logits = heads(feats.hidden[rows], train_proj if cfg.shared_lm_head else None)
+            logits = heads(feats.hidden[rows], train_proj if cfg.shared_lm_head else None,
+                           token_embeds=embeds(rows))
         loss, accs = medusa_loss(logits, train_targets[rows], cfg.head_decay)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -186,14 +196,16 @@ def train_heads(features: Features | str | os.PathLike, config: TrainConfig | No
             for s in range(0, len(held_rows), 1024):
                 rows = held_rows[s:s + 1024]
                 with autocast(cdtype):
-                    logits = heads(feats.hidden[rows], lm_head if cfg.shared_lm_head else None)
+                    logits = heads(feats.hidden[rows], lm_head if cfg.shared_lm_head else None,
+                                   token_embeds=embeds(rows))
                 losses.append(float(medusa_loss(logits, targets[rows], cfg.head_decay)[0]) * len(rows))
             held_loss = sum(losses) / len(held_rows)
     if cfg.softmax_vocab == "data":
         heads.token_map = vocab_ids  # from here on the heads draft from the training vocabulary
     if len(held_rows):
         ranks = head_ranks(heads, feats.hidden[held_rows], targets[held_rows],
-                           lm_head if cfg.shared_lm_head else None, compute_dtype=cdtype)
+                           lm_head if cfg.shared_lm_head else None, compute_dtype=cdtype,
+                           token_embeds=embeds(held_rows))
         held_acc = rank_accuracies(ranks)
     tail = history[-max(1, min(50, len(history))):]
     return TrainResult(heads=heads, config=cfg, steps=total, train_positions=len(train_rows),
