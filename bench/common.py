@@ -54,6 +54,18 @@ def default_heads() -> str:
     return str(demo_heads_path())
 
 
+def chain_heads_for(heads: str) -> str:
+    """Heads for upstream chain Medusa: these heads, unless they are token-conditioned (upstream
+    cannot run them), then the demo model's plain Medusa-1 heads."""
+    folder = Path(heads) if Path(heads).is_dir() else Path(heads).parent
+    cfg_file = folder / "config.json"
+    if cfg_file.is_file() and json.loads(cfg_file.read_text()).get("token_conditioned"):
+        from vllm_medusa.demo import demo_medusa1_heads_path
+
+        return str(demo_medusa1_heads_path())
+    return heads
+
+
 def bench_prompts(model: str, n: int | None = None) -> list[str]:
     """MT-Bench first turns in the model's chat format (Vicuna v1.1 when the tokenizer has none)."""
     from transformers import AutoTokenizer
@@ -175,22 +187,26 @@ class Method:
     error: str | None = None
 
 
-def make_method(name: str, model: str, heads: str, base: list[list[int]], base_src: str) -> Method:
-    """plain | medusa_chain | ngram | tree-N (base tree cut to N nodes) | tree-NAME (a preset or
-    JSON file, whole) | adaptive (base tree, size chosen per step by the plugin)."""
+def make_method(name: str, model: str, heads: str, base: list[list[int]], base_src: str,
+                chain_heads: str | None = None) -> Method:
+    """plain | medusa_chain (upstream, with ``chain_heads``, default ``heads``) | ngram | tree-N
+    (base tree cut to N nodes) | tree-NAME (a preset or JSON file, whole) | adaptive (base tree,
+    size chosen per step by the plugin)."""
     if name == "plain":
         return Method(name, None)
     if name == "ngram":
         k = NGRAM["num_speculative_tokens"]
         return Method(name, dict(NGRAM), k, k)
-    k = heads_num_heads(heads)
     if name == "medusa_chain":
+        chain_heads = chain_heads or heads
+        k = heads_num_heads(chain_heads)
         try:
-            path = vllm_medusa_heads(model, heads)
+            path = vllm_medusa_heads(model, chain_heads)
         except Exception as e:  # noqa: BLE001 - reported per method, the others still run
             return Method(name, None, k, k, error=f"conversion failed: {e!r}")
-        return Method(name, {"method": "medusa", "model": path, "num_speculative_tokens": k}, k, k,
-                      "vLLM upstream chain Medusa")
+        note = "vLLM upstream chain Medusa" + ("" if chain_heads == heads else f", heads {Path(chain_heads).name}")
+        return Method(name, {"method": "medusa", "model": path, "num_speculative_tokens": k}, k, k, note)
+    k = heads_num_heads(heads)
     spec = {"method": "medusa_tree", "model": str(Path(heads).resolve())}
     if name == "adaptive":
         return Method(name, {**spec, "tree": base, "adaptive": True}, len(base), max(map(len, base)),

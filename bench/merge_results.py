@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import (base_tree, copy_latest, default_heads, default_model, make_method,  # noqa: E402
+from common import (base_tree, chain_heads_for, copy_latest, default_heads, default_model, make_method,  # noqa: E402
                     write_json)
 from offline import plots, summarize, table  # noqa: E402
 
@@ -36,7 +36,7 @@ def main() -> None:
             runs.append({**r, "group": f"{i}:{r.get('group', 0)}"})
             seen.add(r["method"])
     order = ["plain", "medusa_chain", "ngram"] + sorted(m for m in seen if m not in ("plain", "medusa_chain", "ngram"))
-    methods = [make_method(n, model, heads, base, base_src) for n in order if n in seen]
+    methods = [make_method(n, model, heads, base, base_src, chain_heads_for(heads)) for n in order if n in seen]
     rows = summarize(methods, runs)
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "raw.json", {"runs": runs, "folders": [str(f) for f in args.folders]})

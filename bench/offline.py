@@ -33,7 +33,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from common import (BENCH, Method, base_tree, bench_prompts, copy_latest, default_heads,
+from common import (BENCH, Method, base_tree, bench_prompts, chain_heads_for, copy_latest, default_heads,
                     default_model, make_method, md_table, median, parse_list, results_dir,
                     setup_env, take, write_json)
 
@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="base model folder or name (default: the demo SmolLM2)")
     p.add_argument("--heads", help="Medusa heads folder (default: the demo heads)")
+    p.add_argument("--chain-heads", help="heads for medusa_chain (default: --heads, or the demo's "
+                                         "Medusa-1 heads when --heads are token-conditioned)")
     p.add_argument("--tree", help="base tree for tree-N and adaptive: preset, chain-N, JSON list or "
                                   "file (default: the heads' tree.json, else mc_sim_7b_63)")
     p.add_argument("--methods", help=f"comma list (default {DEFAULT_METHODS}); tree-N = base tree "
@@ -421,9 +423,10 @@ def main() -> None:
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
     needs_heads = any(n not in ("plain", "ngram") for n in names)
     base, base_src = base_tree(heads, args.tree) if needs_heads else ([], "")
-    methods = [make_method(n, model, heads, base, base_src) for n in names]
+    chain_heads = args.chain_heads or chain_heads_for(heads)
+    methods = [make_method(n, model, heads, base, base_src, chain_heads) for n in names]
     configs = len(parse_list(args.batch_sizes)) * len(parse_list(args.temperatures, float)) * args.repeats
-    meta = {"args": vars(args), "model": model, "heads": heads, "base_tree": base, "base_tree_source": base_src,
+    meta = {"args": vars(args), "model": model, "heads": heads, "chain_heads": chain_heads, "base_tree": base, "base_tree_source": base_src,
             "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     runs: list[dict] = []
@@ -441,7 +444,8 @@ def main() -> None:
     write_json(out / "raw.json", {"meta": meta, "runs": runs})
     write_json(out / "summary.json", {"meta": meta, "rows": rows})
     failed = "".join(f"- {m.name} failed: {m.error.strip().splitlines()[-1]}\n" for m in methods if m.error)
-    text = (f"# Offline benchmark ({meta['started']})\n\nmodel `{Path(model).name}`, heads `{heads}`, "
+    chain_note = f" (upstream chain Medusa: `{chain_heads}`)" if chain_heads != heads and "medusa_chain" in names else ""
+    text = (f"# Offline benchmark ({meta['started']})\n\nmodel `{Path(model).name}`, heads `{heads}`{chain_note}, "
             + (f"base tree {base_src} ({len(base)} nodes), " if base else "") + f"max_tokens {args.max_tokens}, "
             f"{args.repeats} repeat(s), median tokens/s; MT-Bench first turns.\n\n"
             + table(rows) + ("\n" + failed if failed else ""))

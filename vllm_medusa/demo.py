@@ -228,7 +228,13 @@ def tiny_model_path(seed: int = 0) -> Path:
 
 def demo_heads_path() -> Path:
     """The Medusa heads shipped for the demo model (``vllm-medusa demo-heads``), usable as
-    ``speculative_config={"method": "medusa_tree", "model": ...}`` as they are.
-    ``$VLLM_MEDUSA_DEMO_HEADS`` points elsewhere (e.g. freshly trained heads)."""
+    ``speculative_config={"method": "medusa_tree", "model": ...}`` as they are: token-conditioned
+    heads (``heads.py``). ``$VLLM_MEDUSA_DEMO_HEADS`` points elsewhere (e.g. freshly trained heads)."""
     override = os.environ.get("VLLM_MEDUSA_DEMO_HEADS")
-    return Path(override) if override else Path(__file__).parent / "heads" / "smollm2-135m-instruct"
+    return Path(override) if override else Path(__file__).parent / "heads" / "smollm2-135m-instruct-tc"
+
+
+def demo_medusa1_heads_path() -> Path:
+    """Plain Medusa-1 heads for the demo model (hidden state only), the kind upstream vLLM's chain
+    Medusa can also run: the benchmark's same-heads comparison."""
+    return Path(__file__).parent / "heads" / "smollm2-135m-instruct"

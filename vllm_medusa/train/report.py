@@ -76,7 +76,8 @@ def write_training_md(out_dir: str | os.PathLike, run: dict[str, Any]) -> Path:
     lines = [
         f"# Medusa heads for {run.get('model_name', 'the base model')}",
         "",
-        "Medusa-1 heads (backbone frozen, residual blocks trained, base `lm_head` shared) trained by "
+        ("Token-conditioned " if run.get("settings", {}).get("token_conditioned") else "")
+        + "Medusa-1 heads (backbone frozen, residual blocks trained, base `lm_head` shared) trained by "
         "self-distillation with `python -m vllm_medusa.train`.",
         "",
         "## Commands",
