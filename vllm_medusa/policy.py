@@ -122,6 +122,7 @@ class TreeBudgetPolicy:
     refresh_every: int = 256  # tree steps between re-estimates of the acceptance scale
     min_samples: int = 16  # measured steps before a candidate's measurement replaces its prior
     probe_every: int = 16  # once measured, one re-probe of a neighbour in this many steps
+    close: float = 0.9  # ... a neighbour measured further behind than this only every 4th time
     plausible: float = 0.85  # probe candidates whose rescaled prior is within this of the best
     neighbour_floor: float = 0.7  # ... and the larger neighbour of the best unless far worse
     decay: float = 1 - 1 / 64  # measurements fade over ~64 steps (costs drift with context)
@@ -232,9 +233,13 @@ class TreeBudgetPolicy:
                    and bucket.arms.get(i, _Arm()).count < self.min_samples]
         if untried and bucket.steps % 2 == 0:
             return max(untried, key=lambda i: scores[i])
-        if not untried and bucket.steps % self.probe_every == 0:
-            # Keep the neighbours' measurements fresh: costs drift with context length.
-            return neighbours[(bucket.steps // self.probe_every) % len(neighbours)] if neighbours else best
+        if not untried and neighbours and bucket.steps % self.probe_every == 0:
+            # Keep the neighbours' measurements fresh: costs drift with context length. Each probe
+            # of a clear loser is a slower step (on a busy server, the usual case), so those wait
+            # four times as long.
+            i = neighbours[(bucket.steps // self.probe_every) % len(neighbours)]
+            if scores[i] >= self.close * scores[best] or bucket.steps % (4 * self.probe_every) == 0:
+                return i
         return best
 
     def summary(self) -> dict[str, dict[str, dict[str, float]]]:
