@@ -42,7 +42,10 @@ def main() -> None:
     write_json(args.out / "raw.json", {"runs": runs, "folders": [str(f) for f in args.folders]})
     write_json(args.out / "summary.json", {"rows": rows})
     text = (f"# Offline benchmark (merged from {', '.join(f.name for f in args.folders)})\n\n"
-            f"model `{Path(model).name}`, heads `{Path(heads).name}`, base tree {base_src} "
+            f"model `{Path(model).name}`, heads `{Path(heads).name}`"
+            + (f" (upstream chain Medusa: `{Path(chain_heads_for(heads)).name}`)"
+               if "medusa_chain" in seen and chain_heads_for(heads) != heads else "")
+            + f", base tree {base_src} "
             f"({len(base)} nodes); MT-Bench first turns, 128 max tokens, median tokens/s.\n\n" + table(rows))
     (args.out / "table.md").write_text(text)
     pngs = plots(rows, args.out)
