@@ -111,6 +111,20 @@ def test_token_conditioned_training(tiny, features_dir, tmp_path):
         train_heads(feats, cfg, max_steps=1, progress=False)
 
 
+def test_draft_vocab_keeps_the_most_frequent_tokens(features_dir):
+    from vllm_medusa.train.trainer import most_frequent
+
+    tokens = torch.tensor([5, 7, 7, 9, 9, 9, 3])
+    assert most_frequent(tokens, torch.tensor([3, 5, 7, 9]), 2).tolist() == [7, 9]
+    assert most_frequent(tokens, torch.tensor([3, 5, 7, 9]), None).tolist() == [3, 5, 7, 9]
+    cfg = TrainConfig(num_heads=NUM_HEADS, lr=3e-3, batch_size=64, compute_dtype="float32",
+                      softmax_vocab="data", draft_vocab=10)
+    result = train_heads(features_dir, cfg, max_steps=2, progress=False)
+    assert result.heads.token_map.numel() == 10 and result.softmax_size > 10
+    with pytest.raises(ValueError, match="draft_vocab needs softmax_vocab='data'"):
+        train_heads(features_dir, TrainConfig(draft_vocab=10), max_steps=1, progress=False)
+
+
 def test_heads_start_as_identity(features_dir):
     """Zero-initialised blocks: before training every head reproduces the base model's logits."""
     from vllm_medusa.heads import MedusaHeads

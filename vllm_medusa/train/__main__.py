@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=256, help="positions per step")
     g.add_argument("--heldout", type=float, default=0.02, help="share of answers held out")
     g.add_argument("--own-lm-head", action="store_true", help="train a vocab projection per head")
+    g.add_argument("--draft-vocab", type=int, help="with --softmax-vocab data: draft only from the N "
+                                                  "most frequent answer tokens (cheaper projection)")
     g.add_argument("--token-conditioned", action="store_true",
                    help="heads also see the embedding of the token just produced (better guesses; "
                         "medusa_tree only, not upstream vLLM's Medusa)")
@@ -153,7 +155,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         cfg = TrainConfig(num_heads=args.heads, num_layers=args.layers, lr=args.lr, epochs=args.epochs,
                           batch_size=args.batch_size, heldout_fraction=args.heldout,
                           shared_lm_head=not args.own_lm_head, softmax_vocab=args.softmax_vocab,
-                          token_conditioned=args.token_conditioned, seed=args.seed)
+                          token_conditioned=args.token_conditioned, draft_vocab=args.draft_vocab,
+                          seed=args.seed)
         with log.stage("train", command) as info:
             result = train_and_save(features_dir, out, cfg, base_model_name_or_path=base_name,
                                     max_steps=args.max_steps)

@@ -124,6 +124,9 @@ def write_training_md(out_dir: str | os.PathLike, run: dict[str, Any]) -> Path:
             lines.append(f"- Training softmax over the {train.get('softmax_size', '?')} distinct tokens of the "
                          "training answers (`--softmax-vocab data`, ~4x cheaper than the full vocabulary "
                          "on this CPU); every accuracy below is over the full vocabulary.")
+            if settings.get("draft_vocab"):
+                lines.append(f"- The heads draft from the {settings['draft_vocab']} most frequent of those "
+                             "tokens (`--draft-vocab`, their `token_map`): a smaller projection per step.")
         if train.get("heldout_topk"):
             lines.append("- ShareGPT held-out split top-1 per head: "
                          + ", ".join(f"{row[0]:.3f}" for row in train["heldout_topk"]))
