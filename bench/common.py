@@ -66,6 +66,13 @@ def chain_heads_for(heads: str) -> str:
     return heads
 
 
+def chain_heads_note(heads: str, chain_heads: str, methods: Sequence[str]) -> str:
+    """For a table header: which heads upstream chain Medusa ran, when not ``heads``."""
+    if "medusa_chain" not in methods or chain_heads == heads:
+        return ""
+    return f" (upstream chain Medusa: `{chain_heads}`)"
+
+
 def bench_prompts(model: str, n: int | None = None) -> list[str]:
     """MT-Bench first turns in the model's chat format (Vicuna v1.1 when the tokenizer has none)."""
     from transformers import AutoTokenizer

@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import (base_tree, chain_heads_for, copy_latest, default_heads, default_model, make_method,  # noqa: E402
-                    write_json)
+from common import (base_tree, chain_heads_for, chain_heads_note, copy_latest, default_heads,  # noqa: E402
+                    default_model, make_method, write_json)
 from offline import plots, summarize, table  # noqa: E402
 
 
@@ -36,16 +36,15 @@ def main() -> None:
             runs.append({**r, "group": f"{i}:{r.get('group', 0)}"})
             seen.add(r["method"])
     order = ["plain", "medusa_chain", "ngram"] + sorted(m for m in seen if m not in ("plain", "medusa_chain", "ngram"))
-    methods = [make_method(n, model, heads, base, base_src, chain_heads_for(heads)) for n in order if n in seen]
+    chain_heads = chain_heads_for(heads)
+    methods = [make_method(n, model, heads, base, base_src, chain_heads) for n in order if n in seen]
     rows = summarize(methods, runs)
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "raw.json", {"runs": runs, "folders": [str(f) for f in args.folders]})
     write_json(args.out / "summary.json", {"rows": rows})
     text = (f"# Offline benchmark (merged from {', '.join(f.name for f in args.folders)})\n\n"
             f"model `{Path(model).name}`, heads `{Path(heads).name}`"
-            + (f" (upstream chain Medusa: `{Path(chain_heads_for(heads)).name}`)"
-               if "medusa_chain" in seen and chain_heads_for(heads) != heads else "")
-            + f", base tree {base_src} "
+            f"{chain_heads_note(Path(heads).name, Path(chain_heads).name, sorted(seen))}, base tree {base_src} "
             f"({len(base)} nodes); MT-Bench first turns, 128 max tokens, median tokens/s.\n\n" + table(rows))
     (args.out / "table.md").write_text(text)
     pngs = plots(rows, args.out)

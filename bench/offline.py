@@ -33,8 +33,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from common import (BENCH, Method, base_tree, bench_prompts, chain_heads_for, copy_latest, default_heads,
-                    default_model, make_method, md_table, median, parse_list, results_dir,
+from common import (BENCH, Method, base_tree, bench_prompts, chain_heads_for, chain_heads_note, copy_latest,
+                    default_heads, default_model, make_method, md_table, median, parse_list, results_dir,
                     setup_env, take, write_json)
 
 DEFAULT_METHODS = "plain,medusa_chain,ngram,tree-4,tree-8,tree-16,tree-mc_sim_7b_63,adaptive"
@@ -444,8 +444,8 @@ def main() -> None:
     write_json(out / "raw.json", {"meta": meta, "runs": runs})
     write_json(out / "summary.json", {"meta": meta, "rows": rows})
     failed = "".join(f"- {m.name} failed: {m.error.strip().splitlines()[-1]}\n" for m in methods if m.error)
-    chain_note = f" (upstream chain Medusa: `{chain_heads}`)" if chain_heads != heads and "medusa_chain" in names else ""
-    text = (f"# Offline benchmark ({meta['started']})\n\nmodel `{Path(model).name}`, heads `{heads}`{chain_note}, "
+    text = (f"# Offline benchmark ({meta['started']})\n\nmodel `{Path(model).name}`, heads `{heads}`"
+            f"{chain_heads_note(heads, chain_heads, names)}, "
             + (f"base tree {base_src} ({len(base)} nodes), " if base else "") + f"max_tokens {args.max_tokens}, "
             f"{args.repeats} repeat(s), median tokens/s; MT-Bench first turns.\n\n"
             + table(rows) + ("\n" + failed if failed else ""))

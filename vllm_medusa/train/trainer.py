@@ -154,7 +154,8 @@ def train_heads(features: Features | str | os.PathLike, config: TrainConfig | No
     if cfg.softmax_vocab == "data":
         if not cfg.shared_lm_head:
             raise ValueError("softmax_vocab='data' needs the shared lm_head")
-        vocab_ids = feats.tokens[feats.record_rows(train_rec)].long().unique()
+        train_tokens = feats.tokens[feats.record_rows(train_rec)].long()
+        vocab_ids = train_tokens.unique()
         remap = torch.full((vocab + 1,), IGNORE, dtype=torch.long)
         remap[vocab_ids] = torch.arange(len(vocab_ids))
         train_targets = remap[targets.clamp(min=-1)]  # IGNORE -> index -1 -> the IGNORE sentinel
@@ -218,8 +219,7 @@ def train_heads(features: Features | str | os.PathLike, config: TrainConfig | No
             held_loss = sum(losses) / len(held_rows)
     if cfg.softmax_vocab == "data":
         # From here on the heads draft from the training vocabulary (its most frequent part).
-        heads.token_map = most_frequent(feats.tokens[feats.record_rows(train_rec)].long(), vocab_ids,
-                                        cfg.draft_vocab)
+        heads.token_map = most_frequent(train_tokens, vocab_ids, cfg.draft_vocab)
     if len(held_rows):
         ranks = head_ranks(heads, feats.hidden[held_rows], targets[held_rows],
                            lm_head if cfg.shared_lm_head else None, compute_dtype=cdtype,
