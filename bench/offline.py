@@ -39,9 +39,9 @@ from common import (BENCH, Method, base_tree, bench_prompts, chain_heads_for, ch
 
 DEFAULT_METHODS = "plain,medusa_chain,ngram,tree-4,tree-8,tree-16,tree-mc_sim_7b_63,adaptive"
 DEFAULTS = dict(methods=DEFAULT_METHODS, batch_sizes="1,4,16,64", temperatures="0,0.7", repeats=3,
-                max_tokens=128, num_prompts=80, latest=str(BENCH / "latest"))
+                max_tokens=128, num_prompts=80, min_prompts=8, latest=str(BENCH / "latest"))
 SMOKE = dict(methods="plain,tree-4", batch_sizes="1,2", temperatures="0,0.7", repeats=1,
-             max_tokens=8, num_prompts=2, latest=None)
+             max_tokens=8, num_prompts=2, min_prompts=2, latest=None)
 READY = "@@bench-ready "
 RESULT = "@@bench-result "
 WARMUP_PROMPT = "Write one sentence about the sea."  # unrelated to MT-Bench
@@ -62,6 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="runs per configuration, median quoted (default 3)")
     p.add_argument("--max-tokens", type=int, help="max new tokens per prompt (default 128)")
     p.add_argument("--num-prompts", type=int, help="MT-Bench prompts to draw from (default 80)")
+    p.add_argument("--min-prompts", type=int,
+                   help="prompts per configuration at least: batch B runs ceil(N/B) batches of B "
+                        "prompts one after the other, so small batches are not one prompt's "
+                        "figure (default 8)")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
                    help="no torch.compile / CUDA graphs, for every method (default on)")
@@ -150,9 +154,11 @@ def worker(job_file: str) -> None:
             break
         b, t = cmd["batch_size"], cmd["temperature"]
         params = SamplingParams(temperature=t, max_tokens=job["max_tokens"], ignore_eos=False)
+        prompts = take(pool, -(-max(b, job["min_prompts"]) // b) * b)
         before = read_counters(llm, medusa)
         t0 = time.perf_counter()
-        outs = llm.generate(take(pool, b), params, use_tqdm=False)
+        outs = [o for i in range(0, len(prompts), b)
+                for o in llm.generate(prompts[i:i + b], params, use_tqdm=False)]
         elapsed = time.perf_counter() - t0
         after = read_counters(llm, medusa)
         spec = diff_counters(after, before)
@@ -178,7 +184,7 @@ class Engine:
         tag = f"{method.name}.g{group}"
         job = {"method": method.name, "group": group, "spec": method.spec, "model": model,
                "temperatures": parse_list(args.temperatures, float), "max_tokens": args.max_tokens,
-               "num_prompts": args.num_prompts,
+               "num_prompts": args.num_prompts, "min_prompts": args.min_prompts,
                "engine": {"enforce_eager": args.enforce_eager, "max_model_len": args.max_model_len, "seed": 0,
                           "disable_log_stats": False, "enable_prefix_caching": args.prefix_caching,
                           **args.engine_args}}

@@ -83,6 +83,7 @@ def test_engine_reports_acceptance_and_branches(medusa32):
     stats = medusa32.collective_rpc("medusa_stats")[0]
     assert stats["non_leftmost"] > 0, "some accepted paths should leave the top-1 branch"
     assert stats["accepted_per_depth"][0] >= stats["accepted_per_depth"][-1]
+    assert stats["lookup_accepted"] > 0, "the prompt-lookup branch should be accepted somewhere"
 
 
 def test_sampling_matches_plain_distribution(medusa32, plain32, demo_model):

@@ -31,6 +31,9 @@ class MedusaOptions:
     posterior_alpha: float = 0.3
     adaptive: bool = True
     max_topk: int = 10
+    lookup: int = 8  # prompt-lookup branch per tree (lookup.py): at most this many tokens; 0 = off
+    lookup_min: int = 2  # ... matching a repeated suffix of lookup_min..lookup_max tokens
+    lookup_max: int = 4
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,12 +67,19 @@ class MedusaOptions:
             raise MedusaConfigError(f"posterior_threshold must be in (0, 1], got {self.posterior_threshold!r}")
         if not 0 < float(self.posterior_alpha) <= 1:
             raise MedusaConfigError(f"posterior_alpha must be in (0, 1], got {self.posterior_alpha!r}")
+        for key, low, high in (("lookup", 0, 62), ("lookup_min", 1, 64), ("lookup_max", 1, 64)):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+                raise MedusaConfigError(f"{key} must be an integer in {low}..{high}, got {v!r}")
+        if self.lookup_min > self.lookup_max:
+            raise MedusaConfigError(f"lookup_min ({self.lookup_min}) is larger than lookup_max "
+                                    f"({self.lookup_max})")
         if not isinstance(self.adaptive, bool):
             raise MedusaConfigError(f"adaptive must be true or false, got {self.adaptive!r}")
 
 
 def _coerce(key: str, value: str) -> Any:
-    if key in ("num_speculative_tokens", "max_topk"):
+    if key in ("num_speculative_tokens", "max_topk", "lookup", "lookup_min", "lookup_max"):
         try:
             return int(value)
         except ValueError:

@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from vllm_medusa.trees import MedusaTree, chain, expected_acceptance_length
+from vllm_medusa.trees import MedusaTree, chain, expected_acceptance_length, node_values
 
 # Accuracy guess used when the heads ship no accuracies.json: a typical Medusa-1 small model.
 _FALLBACK_ACCURACIES = [[0.5, 0.12, 0.05, 0.03], [0.3, 0.1, 0.05, 0.03], [0.2, 0.08, 0.04, 0.02],
@@ -133,6 +133,7 @@ class TreeBudgetPolicy:
     _buckets: dict[int, _Bucket] = field(default_factory=dict, repr=False)
     _prior: dict[tuple[int, int], float] = field(default_factory=dict, repr=False)
     _lengths: dict[tuple, float] = field(default_factory=dict, repr=False)
+    _values: dict[tuple, list[float]] = field(default_factory=dict, repr=False)
     _seen: float = 0.0
     _predicted: float = 0.0
     _since_refresh: int = 0
@@ -154,6 +155,13 @@ class TreeBudgetPolicy:
         if tree.paths not in self._lengths:
             self._lengths[tree.paths] = expected_acceptance_length(tree, self.accuracies)
         return self._lengths[tree.paths]
+
+    def node_values(self, tree: MedusaTree) -> list[float]:
+        """Per node of ``tree``, its chance of acceptance under the heads' accuracies, scaled like
+        ``expected_length`` (what a prompt-lookup node must beat to take its place)."""
+        if tree.paths not in self._values:
+            self._values[tree.paths] = [min(v * self._scale, 1.0) for v in node_values(tree, self.accuracies)]
+        return self._values[tree.paths]
 
     def expected_length(self, tree: MedusaTree) -> float:
         """Predicted acceptance length, with its speculative part scaled by observation."""
@@ -282,3 +290,4 @@ class TreeBudgetPolicy:
                 self._scale = min(max(self._seen / self._predicted, 0.05), 2.0)
             self._since_refresh = 0
             self._prior.clear()
+            self._values.clear()

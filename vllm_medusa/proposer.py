@@ -10,15 +10,17 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Hashable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from vllm_medusa.config import ADDITIONAL_CONFIG_KEY, MedusaOptions
 from vllm_medusa.heads import MedusaHeads, load_medusa_heads
+from vllm_medusa.lookup import BranchStats, longest_repeat
 from vllm_medusa.policy import TreeBudgetPolicy
-from vllm_medusa.trees import MedusaTree, resolve_tree
+from vllm_medusa.trees import MedusaTree, merge_branch, node_values, resolve_tree
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,8 @@ class MedusaTreeProposer:
         self.embed_tokens: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.tree: MedusaTree | None = None
         self.policy: TreeBudgetPolicy | None = None
+        self.branch_stats = (BranchStats(self.options.lookup, self.options.lookup_min,
+                                         self.options.lookup_max) if self.options.lookup else None)
 
     def load_model(self, target_model: torch.nn.Module) -> None:
         model_config = self.vllm_config.model_config
@@ -103,11 +107,14 @@ class MedusaTreeProposer:
 
     @torch.inference_mode()
     def propose_trees(self, hidden: torch.Tensor, tree: MedusaTree, num_nodes: Sequence[int],
-                      tokens: Sequence[int] | None = None) -> tuple[list[list[int]], list[MedusaTree]]:
+                      tokens: Sequence[int] | None = None, contexts: Sequence[np.ndarray] | None = None,
+                      keys: Sequence[Hashable] | None = None) -> tuple[list[list[int]], list[MedusaTree]]:
         """Per request b: draft tokens and tree, from hidden states ``[B, H]`` of the last accepted
         tokens and ``tokens[b]``, the token just produced from that state (read by token-conditioned
-        heads only): the step's ``tree`` cut to ``num_nodes[b]`` nodes (what the request may still emit).
-        Requests in one batch may get trees of different sizes; the scheduler may cut each one
+        heads only): the step's ``tree`` cut to ``num_nodes[b]`` nodes (what the request may still
+        emit). Given the request's tokens so far (``contexts[b]``; ``keys[b]`` names the request),
+        its prompt-lookup branch takes the places of less valuable nodes (``lookup.py``). Requests
+        in one batch may get trees of different sizes and shapes; the scheduler may cut each one
         shorter again (token budget, max_model_len), which keeps a valid subtree.
         """
         assert self.heads is not None
@@ -121,8 +128,32 @@ class MedusaTreeProposer:
                 raise ValueError("token-conditioned Medusa heads need the tokens just produced")
             embeds = self.embed_tokens(torch.as_tensor(tokens, dtype=torch.long, device=hidden.device))
         topk_ids = self._topk_ids(hidden, max(widest.max_topk, 1), widest.depth, embeds)
-        drafts = draft_tree_tokens(topk_ids, widest).tolist()
-        return [d[:t.num_nodes] for d, t in zip(drafts, trees)], trees
+        drafts = [d[:t.num_nodes] for d, t in zip(draft_tree_tokens(topk_ids, widest).tolist(), trees)]
+        if contexts is not None and self.branch_stats is not None:
+            self._add_lookup_branches(widest, trees, drafts, contexts, keys)
+        return drafts, trees
+
+    def _add_lookup_branches(self, widest: MedusaTree, trees: list[MedusaTree], drafts: list[list[int]],
+                             contexts: Sequence[np.ndarray], keys: Sequence[Hashable] | None) -> None:
+        stats, opts = self.branch_stats, self.options
+        assert stats is not None
+        values = (self.policy.node_values(widest) if self.policy is not None
+                  else node_values(widest, heads_accuracies(opts.heads) or []))
+        for b, context in enumerate(contexts):
+            key = keys[b] if keys is not None else b
+            stats.update(key, context)
+            end, match = longest_repeat(context, opts.lookup_min, opts.lookup_max)
+            if end < 0:
+                continue
+            branch = np.resize(context[end + 1:], opts.lookup).tolist()
+            stats.drafted(key, context, match, branch)
+            trees[b], drafts[b] = merge_branch(trees[b], drafts[b], values, branch,
+                                               stats.values(match).tolist())
+
+    def forget(self, key: Hashable) -> None:
+        """A request finished: drop what the lookup statistics keep for it."""
+        if self.branch_stats is not None:
+            self.branch_stats.forget(key)
 
     def _topk_ids(self, hidden: torch.Tensor, k: int, num_heads: int,
                   embeds: torch.Tensor | None = None) -> torch.Tensor:

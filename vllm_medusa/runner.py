@@ -31,7 +31,7 @@ import torch
 from vllm_medusa.attention import TreeAttentionBatch, paged_tree_attention
 from vllm_medusa.kv_cache import CpuKVLayout, compaction_moves
 from vllm_medusa.proposer import MedusaTreeProposer
-from vllm_medusa.trees import MedusaTree, chain
+from vllm_medusa.trees import GRAFT_RANK, MedusaTree, chain
 from vllm_medusa.verification import TypicalAcceptance, pack_outputs, walk_trees
 
 
@@ -53,6 +53,7 @@ class MedusaStats:
     nodes: int = 0
     accepted_per_depth: list[int] = field(default_factory=list)
     non_leftmost: int = 0  # accepted paths that leave the top-1 chain
+    lookup_accepted: int = 0  # accepted tokens that only the prompt-lookup branch held
     seconds: dict[str, float] = field(default_factory=dict)  # per phase, when profiling is on
 
     def add_time(self, phase: str, seconds: float) -> None:
@@ -71,6 +72,7 @@ class MedusaStats:
                 self.accepted_per_depth[d] += 1
             if any(tree.ranks[r] != 0 for r in rows):
                 self.non_leftmost += 1
+            self.lookup_accepted += sum(tree.ranks[r] == GRAFT_RANK for r in rows)
 
     @property
     def mean_acceptance_length(self) -> float:
@@ -304,6 +306,7 @@ class MedusaTreeRunnerMixin:
     def _update_states(self, scheduler_output):
         for req_id in scheduler_output.finished_req_ids:
             self._medusa_trees.pop(req_id, None)
+            self.drafter.forget(req_id)
         return super()._update_states(scheduler_output)
 
     # -- verification --------------------------------------------------------------------------
@@ -344,8 +347,9 @@ class MedusaTreeRunnerMixin:
         self.medusa_stats.record(step.trees, walk.accepted_rows)
         policy = self.drafter.policy
         for tree, rows in zip(step.trees, walk.accepted_rows):
-            if tree is not None:
-                policy.observe(tree, len(rows))
+            if tree is not None:  # the heads' part (grafted nodes come last) is what the prior predicts
+                heads_part = tree.truncate(sum(rank != GRAFT_RANK for rank in tree.ranks[1:]))
+                policy.observe(heads_part, sum(tree.ranks[r] != GRAFT_RANK for r in rows))
         self._medusa_last_rows = [s + r for s, r in zip(row_starts, walk.last_rows)]
         width = max(num_drafts) + 1
         tokens = pack_outputs(walk.tokens, width, device=logits.device)
@@ -391,9 +395,12 @@ class MedusaTreeRunnerMixin:
         caps = [min(step_tree.num_nodes, self._medusa_room(batch.req_ids[b])) for b in active]
         hidden = sample_hidden_states[torch.tensor([rows[b] for b in active],
                                                    device=sample_hidden_states.device)]
+        # The requests' tokens so far (prompt + output, this step's included) for prompt lookup.
+        contexts = [batch.token_ids_cpu[b, :batch.num_tokens_no_spec[b]] for b in active]
         with _timed(self.medusa_stats, "heads_and_tree"):
             proposed, trees = self.drafter.propose_trees(hidden, step_tree, caps,
-                                                         [sampled_token_ids[b][-1] for b in active])
+                                                         [sampled_token_ids[b][-1] for b in active],
+                                                         contexts, [batch.req_ids[b] for b in active])
         for b, d, tree in zip(active, proposed, trees):
             drafts[b] = d
             self._medusa_trees[batch.req_ids[b]] = tree
@@ -416,9 +423,11 @@ class MedusaWorkerMixin:
 
     def medusa_stats(self) -> dict:
         stats = self.model_runner.medusa_stats
-        policy = self.model_runner.drafter.policy
+        drafter = self.model_runner.drafter
+        policy, lookup = drafter.policy, drafter.branch_stats
         return {**asdict(stats), "mean_acceptance_length": stats.mean_acceptance_length,
-                "policy": policy.summary() if policy is not None else {}}
+                "policy": policy.summary() if policy is not None else {},
+                "lookup_hit_rates": lookup.summary() if lookup is not None else {}}
 
 
 def _uses_structured_output(state) -> bool:

@@ -186,6 +186,78 @@ class MedusaTree:
         return json.dumps([list(p) for p in self.paths])
 
 
+#: The rank index of grafted nodes (not a head's guess); ranks a head can produce are < max_topk.
+GRAFT_RANK = 1 << 16
+
+
+def graft_chain(tree: MedusaTree, drafts: Sequence[int], branch: Sequence[int],
+                max_nodes: int) -> tuple[MedusaTree, list[int]]:
+    """``tree`` with draft tokens ``drafts`` plus the chain ``branch`` hanging from the root.
+
+    The branch follows existing nodes while their tokens agree and continues as new nodes
+    (rank ``GRAFT_RANK``) from where they differ, so the tree stays a trie and verification accepts
+    the longer of the two guesses. New nodes come after the old ones, keeping every prefix a valid
+    tree. At most ``max_nodes`` nodes in all (capped to ``MAX_TREE_ROWS - 1``).
+    """
+    max_nodes = min(max_nodes, MAX_TREE_ROWS - 1)
+    paths = list(tree.paths)
+    tokens = list(drafts)
+    children = tree.children
+    row, path = 0, ()
+    for i, tok in enumerate(branch):
+        child = next((c for c in children[row] if tokens[c - 1] == tok), None)
+        if child is None:
+            room = max_nodes - len(paths)
+            if room <= 0:
+                break
+            for new in branch[i:i + room]:
+                path = path + (GRAFT_RANK,)
+                paths.append(path)
+                tokens.append(int(new))
+            break
+        row, path = child, paths[child - 1]
+    if len(paths) == tree.num_nodes:
+        return tree, tokens
+    return MedusaTree(tuple(paths)), tokens
+
+
+def node_values(tree: MedusaTree, accuracies: Sequence[Sequence[float]]) -> list[float]:
+    """Per node (row 1..), the chance that it is accepted: the product of the per-rank accuracies
+    along its path (``expected_acceptance_length`` is 1 + their sum). Grafted nodes are worth 0."""
+    values = [1.0]
+    for row in range(1, tree.num_rows):
+        depth, rank = tree.depths[row] - 1, tree.ranks[row]
+        acc = accuracies[depth][rank] if depth < len(accuracies) and rank < len(accuracies[depth]) else 0.0
+        values.append(values[tree.parents[row]] * acc)
+    return values[1:]
+
+
+def merge_branch(tree: MedusaTree, drafts: Sequence[int], values: Sequence[float],
+                 branch: Sequence[int], branch_values: Sequence[float]) -> tuple[MedusaTree, list[int]]:
+    """The tree of the same size holding the most valuable of ``tree``'s nodes (``values``; a prefix
+    in the tree's order is kept, which is the best subtree when that order is by value, as
+    ``optimal_tree`` makes it) and of the chain ``branch`` from the root (``branch_values[i]``: the
+    chance that its first i+1 tokens are right).
+
+    Nodes the branch shares with the kept tree are free. A chain stays a chain (no tree pass of
+    attention): the branch replaces it when its first n tokens are worth more.
+    """
+    n = tree.num_nodes
+    if n == 0 or len(branch) == 0:
+        return tree, list(drafts)
+    if tree.is_chain:
+        if sum(branch_values[:n]) > sum(values[:n]):
+            return graft_chain(tree.truncate(0), [], branch[:n], n)
+        return tree, list(drafts)
+    kept = taken = 0
+    while kept + taken < n:
+        if taken < len(branch) and (kept >= n or branch_values[taken] > values[kept]):
+            taken += 1
+        else:
+            kept += 1
+    return graft_chain(tree.truncate(kept), drafts[:kept], branch, kept + taken)
+
+
 def _truncated(tree: MedusaTree, n: int) -> MedusaTree:
     key = ("trunc", n)
     cached = tree._cache.get(key)

@@ -19,7 +19,7 @@ from ..heads import load_medusa_heads
 from ..trees import expected_acceptance_length, optimal_tree
 from .distill import build_llm, generate_answers, mtbench_prompts, read_records
 from .features import IGNORE, extract_features, load_features
-from .metrics import cumulative, head_ranks, rank_accuracies, simulated_acceptance
+from .metrics import LookupReplay, cumulative, head_ranks, rank_accuracies, simulated_acceptance
 
 DEFAULT_TREE_BUDGET = 16
 REPORT_BUDGETS = (4, 8, 16, 32, 64)
@@ -45,8 +45,9 @@ def generate_mtbench_answers(model: str | os.PathLike, out_file: str | os.PathLi
 
 def evaluate_heads(model: str | os.PathLike, heads_dir: str | os.PathLike, features_dir: str | os.PathLike,
                    *, tree_budget: int = DEFAULT_TREE_BUDGET, budgets: Sequence[int] = REPORT_BUDGETS,
-                   write: bool = True) -> dict[str, Any]:
-    """Accuracies, default tree and predicted acceptance of the heads on cached held-out features."""
+                   write: bool = True, answers_file: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Accuracies, default tree and predicted acceptance of the heads on cached held-out features;
+    with the answers' records (their prompts), also per step with the prompt-lookup branch."""
     feats = load_features(features_dir)
     vocab, hidden = feats.lm_head.shape
     heads = load_medusa_heads(heads_dir, hidden_size=hidden, vocab_size=vocab, dtype=torch.bfloat16)
@@ -59,8 +60,13 @@ def evaluate_heads(model: str | os.PathLike, heads_dir: str | os.PathLike, featu
     ranks = all_ranks[rows]
     acc = rank_accuracies(ranks, TOPK)
 
-    def stepped(t: Sequence[Sequence[int]]) -> float:
-        return simulated_acceptance(all_ranks, t, feats.lengths)
+    lookup = None
+    if answers_file is not None:
+        prompts = {r["id"]: r["prompt_token_ids"] for r in read_records(answers_file)}
+        lookup = LookupReplay([prompts[i] for i in feats.ids], feats.tokens.tolist())
+
+    def stepped(t: Sequence[Sequence[int]], with_lookup: bool = False) -> float:
+        return simulated_acceptance(all_ranks, t, feats.lengths, lookup if with_lookup else None)
 
     tree = optimal_tree(acc, tree_budget)
     per_budget = {}
@@ -69,6 +75,8 @@ def evaluate_heads(model: str | os.PathLike, heads_dir: str | os.PathLike, featu
         per_budget[b] = {"nodes": len(t), "predicted": expected_acceptance_length(t, acc),
                          "simulated": simulated_acceptance(ranks, t),
                          "per_step": stepped(t)}
+        if lookup is not None:
+            per_budget[b]["per_step_lookup"] = stepped(t, True)
     chain = [tuple([0] * d) for d in range(1, heads.num_heads + 1)]
     result = {
         "model": str(model), "heads": str(heads_dir), "positions": int(len(rows)),
@@ -82,6 +90,8 @@ def evaluate_heads(model: str | os.PathLike, heads_dir: str | os.PathLike, featu
         "chain_per_step": stepped(chain),
         "budgets": per_budget,
     }
+    if lookup is not None:
+        result["lookup_alone_per_step"] = stepped([], True)
     if write:
         out = Path(heads_dir)
         (out / "tree.json").write_text(json.dumps(result["tree"]) + "\n")
@@ -95,10 +105,13 @@ def format_result(result: dict[str, Any], show_topk: int = 5) -> str:
              "head  " + "  ".join(f"top{i + 1:<2}" for i in range(show_topk))]
     for k, row in enumerate(result["topk"]):
         lines.append(f"{k:>4}  " + "  ".join(f"{a:.3f}" for a in row[:show_topk]))
-    lines.append("budget  nodes  predicted  per position  per step   (mean accepted tokens, incl. the base token)")
+    lines.append("budget  nodes  predicted  per position  per step  +lookup   (mean accepted tokens, "
+                 "incl. the base token)")
     for b, r in result["budgets"].items():
         lines.append(f"{b:>6}  {r['nodes']:>5}  {r['predicted']:>9.3f}  {r['simulated']:>12.3f}  "
-                     f"{r.get('per_step', float('nan')):>8.3f}")
+                     f"{r.get('per_step', float('nan')):>8.3f}  {r.get('per_step_lookup', float('nan')):>7.3f}")
+    if "lookup_alone_per_step" in result:
+        lines.append(f"prompt-lookup branch alone: per step {result['lookup_alone_per_step']:.3f}")
     lines.append(f"chain of {len(result['topk'])} (upstream vLLM Medusa): predicted "
                  f"{result['chain_predicted']:.3f}, per position {result['chain_simulated']:.3f}, "
                  f"per step {result.get('chain_per_step', float('nan')):.3f}")
@@ -114,4 +127,4 @@ def evaluate(model: str | os.PathLike, heads_dir: str | os.PathLike, work_dir: s
     data = generate_mtbench_answers(model, work / "mtbench-answers.jsonl", max_tokens=max_tokens,
                                     kv_cache_gb=kv_cache_gb)
     feats = extract_features(model, data, work / "mtbench-features", desc="mt-bench features")
-    return evaluate_heads(model, heads_dir, feats, tree_budget=tree_budget)
+    return evaluate_heads(model, heads_dir, feats, tree_budget=tree_budget, answers_file=data)

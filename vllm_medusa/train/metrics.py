@@ -7,11 +7,14 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from ..heads import MedusaHeads
+from ..lookup import prompt_lookup
 from .features import IGNORE
 
 MISS = -1
@@ -82,7 +85,8 @@ def _accepted_depth(row: Sequence[int], nodes: set[tuple[int, ...]], depth_max: 
 
 
 def simulated_acceptance(ranks: torch.Tensor, tree: Sequence[Sequence[int]],
-                         lengths: Sequence[int] | torch.Tensor | None = None) -> float:
+                         lengths: Sequence[int] | torch.Tensor | None = None,
+                         lookup: LookupReplay | None = None) -> float:
     """Mean accepted length (accepted nodes + the base model's own token) of ``tree`` on real data.
 
     Without ``lengths``: the mean over every position (the tree accepts the deepest node whose every
@@ -90,7 +94,9 @@ def simulated_acceptance(ranks: torch.Tensor, tree: Sequence[Sequence[int]],
     order): decoding is replayed step by step, jumping over accepted tokens, which is what the engine
     reports. The two differ because easy stretches are crossed in fewer steps, so per step the heads
     see the hard positions more often than per position. Rows where a needed head has no target (end
-    of an answer) count only their valid depth.
+    of an answer) count only their valid depth. With ``lookup`` (replay only) each step also offers
+    the prompt-lookup branch, and the longer of the two accepted paths counts (the grafted tree is a
+    trie holding both).
     """
     nodes = {tuple(p) for p in tree}
     depth_max = max((len(p) for p in tree), default=0)
@@ -99,12 +105,36 @@ def simulated_acceptance(ranks: torch.Tensor, tree: Sequence[Sequence[int]],
         total = sum(1 + _accepted_depth(r, nodes, depth_max) for r in rows)
         return total / max(len(rows), 1)
     tokens = steps = start = 0
-    for n in (int(x) for x in lengths):
+    for a, n in enumerate(int(x) for x in lengths):
         j = 0
         while j < n:
             d = _accepted_depth(rows[start + j], nodes, depth_max)
+            if lookup is not None:
+                d = max(d, lookup.accepted(a, start, j, n))
             tokens += 1 + d
             steps += 1
             j += 1 + d
         start += n
     return tokens / max(steps, 1)
+
+
+@dataclass
+class LookupReplay:
+    """The prompt-lookup branch (``lookup.prompt_lookup``) on recorded answers: ``prompts[a]`` and
+    the answers' tokens concatenated in row order (``tokens``)."""
+
+    prompts: Sequence[Sequence[int]]
+    tokens: Sequence[int]
+    min_n: int = 2
+    max_n: int = 4
+    k: int = 8
+
+    def accepted(self, answer: int, start: int, j: int, n: int) -> int:
+        """Branch tokens that match answer ``answer`` (rows ``start..start+n``) after its row ``j``."""
+        done = self.tokens[start:start + j + 1]
+        branch = prompt_lookup(np.asarray(list(self.prompts[answer]) + list(done)),
+                               self.min_n, self.max_n, self.k).tolist()
+        d = 0
+        while d < len(branch) and j + 1 + d < n and branch[d] == self.tokens[start + j + 1 + d]:
+            d += 1
+        return d
