@@ -7,8 +7,9 @@
 Every method is one engine in its own child process; a method that crashes costs only its own rows.
 Engines run in groups (`--concurrent`, default 4 alive at once, plain decoding in every group): they
 start one at a time, warm up (one generate per temperature, not measured), then every batch size x
-temperature x repeat is run on each engine of the group in turn - one `LLM.generate` over the first
-B MT-Bench prompts, timed on the wall clock, while the other engines idle. The order rotates with the
+temperature x repeat is run on each engine of the group in turn - `LLM.generate` on batches of B
+MT-Bench prompts one after the other, max(B, --min-prompts) prompts in all, timed on the wall clock,
+while the other engines idle. The order rotates with the
 repeat. So a drift of the shared machine hits every method alike, and each ratio is to the plain runs
 of the same group. Quoted figures are medians over repeats; acceptance comes from vLLM's spec-decode
 counters summed over repeats.

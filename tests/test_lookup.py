@@ -108,6 +108,24 @@ def test_merge_branch_keeps_the_size_and_the_most_valuable_nodes():
     assert tree is chain3 and drafts == [1, 2, 3]
 
 
+def test_a_valuable_branch_grows_the_tree_up_to_the_limit():
+    chain2 = MedusaTree.from_paths([(0,), (0, 0)])
+    branch, hits = [7, 8, 9, 10, 11], [0.9, 0.8, 0.7, 0.6, 0.2]
+    tree, drafts = merge_branch(chain2, [1, 2], [0.4, 0.2], branch, hits, extend_above=0.5, limit=10)
+    assert tree.is_chain and drafts == [7, 8, 9, 10]
+    tree, drafts = merge_branch(chain2, [1, 2], [0.4, 0.2], branch, hits, extend_above=0.5, limit=3)
+    assert drafts == [7, 8, 9]
+    tree, drafts = merge_branch(chain2, [1, 2], [0.4, 0.2], branch, hits, extend_above=0.95, limit=10)
+    assert drafts == [7, 8]  # nothing worth its cost beyond the size
+    values = [0.4, 0.3, 0.2, 0.1, 0.05]
+    tree, drafts = merge_branch(TREE, DRAFTS, values, [12, 13, 14], [0.9, 0.8, 0.7], 0.5, 8)
+    assert drafts == DRAFTS[:2] + [12, 13, 14]  # already all in: nothing to grow
+    tree, drafts = merge_branch(TREE, DRAFTS, values, branch, hits, 0.5, 7)
+    assert drafts == [10, 7, 8, 9, 10]  # 4 branch nodes beat all but one; the 5th is not worth it
+    tree, drafts = merge_branch(TREE, DRAFTS, values, branch, hits, 0.1, 7)
+    assert drafts == [10, 7, 8, 9, 10, 11] and tree.num_nodes == 6  # worth it: grows past 5
+
+
 def test_node_values_are_path_products():
     acc = [[0.5, 0.2], [0.4, 0.1]]
     assert node_values(TREE, acc) == pytest.approx([0.5, 0.2, 0.2, 0.05, 0.0])  # depth 3: no head
@@ -143,7 +161,7 @@ def test_proposer_puts_the_lookup_branch_into_each_requests_tree():
     proposer = MedusaTreeProposer.__new__(MedusaTreeProposer)
     proposer.heads, proposer.draft_projection, proposer.compute_logits = heads, None, None
     proposer.lm_head_weight = torch.randn(vocab, hidden_size, generator=g)
-    proposer.embed_tokens, proposer.policy = None, None
+    proposer.embed_tokens, proposer.policy, proposer.num_speculative_tokens = None, None, 5
     proposer.options = MedusaOptions(heads="unused", lookup=3)
     proposer.branch_stats = BranchStats(3, 2, 4)
     hidden = torch.randn(2, hidden_size, generator=g)

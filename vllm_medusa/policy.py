@@ -163,6 +163,15 @@ class TreeBudgetPolicy:
             self._values[tree.paths] = [min(v * self._scale, 1.0) for v in node_values(tree, self.accuracies)]
         return self._values[tree.paths]
 
+    def node_cost(self, batch: int, tree: MedusaTree) -> float:
+        """One more verified node in one request's ``tree``, in accepted tokens it must bring to pay
+        for itself: the step's tokens times the relative cost of one more token in it (the cost
+        model's marginal token plus its per-node price)."""
+        tokens = batch * (tree.num_nodes + 1)
+        step = self.cost.step(batch, tree.num_nodes, not tree.is_chain)
+        marginal = self.cost.cost(tokens + 1) - self.cost.cost(tokens) + self.cost.per_node
+        return batch * self.expected_length(tree) * marginal / step
+
     def expected_length(self, tree: MedusaTree) -> float:
         """Predicted acceptance length, with its speculative part scaled by observation."""
         if tree.num_nodes == 0:

@@ -108,12 +108,14 @@ class MedusaTreeProposer:
     @torch.inference_mode()
     def propose_trees(self, hidden: torch.Tensor, tree: MedusaTree, num_nodes: Sequence[int],
                       tokens: Sequence[int] | None = None, contexts: Sequence[np.ndarray] | None = None,
-                      keys: Sequence[Hashable] | None = None) -> tuple[list[list[int]], list[MedusaTree]]:
+                      keys: Sequence[Hashable] | None = None, rooms: Sequence[int] | None = None
+                      ) -> tuple[list[list[int]], list[MedusaTree]]:
         """Per request b: draft tokens and tree, from hidden states ``[B, H]`` of the last accepted
         tokens and ``tokens[b]``, the token just produced from that state (read by token-conditioned
         heads only): the step's ``tree`` cut to ``num_nodes[b]`` nodes (what the request may still
         emit). Given the request's tokens so far (``contexts[b]``; ``keys[b]`` names the request),
-        its prompt-lookup branch takes the places of less valuable nodes (``lookup.py``). Requests
+        its prompt-lookup branch takes the places of less valuable nodes (``lookup.py``), and a
+        valuable one may grow the tree up to ``rooms[b]`` nodes (default: the cut size). Requests
         in one batch may get trees of different sizes and shapes; the scheduler may cut each one
         shorter again (token budget, max_model_len), which keeps a valid subtree.
         """
@@ -130,15 +132,20 @@ class MedusaTreeProposer:
         topk_ids = self._topk_ids(hidden, max(widest.max_topk, 1), widest.depth, embeds)
         drafts = [d[:t.num_nodes] for d, t in zip(draft_tree_tokens(topk_ids, widest).tolist(), trees)]
         if contexts is not None and self.branch_stats is not None:
-            self._add_lookup_branches(widest, trees, drafts, contexts, keys)
+            self._add_lookup_branches(widest, trees, drafts, contexts, keys,
+                                      rooms if rooms is not None else num_nodes)
         return drafts, trees
 
     def _add_lookup_branches(self, widest: MedusaTree, trees: list[MedusaTree], drafts: list[list[int]],
-                             contexts: Sequence[np.ndarray], keys: Sequence[Hashable] | None) -> None:
+                             contexts: Sequence[np.ndarray], keys: Sequence[Hashable] | None,
+                             rooms: Sequence[int]) -> None:
         stats, opts = self.branch_stats, self.options
         assert stats is not None
-        values = (self.policy.node_values(widest) if self.policy is not None
-                  else node_values(widest, heads_accuracies(opts.heads) or []))
+        if self.policy is not None:
+            values = self.policy.node_values(widest)
+            extend_above = self.policy.node_cost(len(trees), widest)
+        else:
+            values, extend_above = node_values(widest, heads_accuracies(opts.heads) or []), 1.0
         for b, context in enumerate(contexts):
             key = keys[b] if keys is not None else b
             stats.update(key, context)
@@ -148,7 +155,8 @@ class MedusaTreeProposer:
             branch = np.resize(context[end + 1:], opts.lookup).tolist()
             stats.drafted(key, context, match, branch)
             trees[b], drafts[b] = merge_branch(trees[b], drafts[b], values, branch,
-                                               stats.values(match).tolist())
+                                               stats.values(match).tolist(), extend_above,
+                                               min(rooms[b], self.num_speculative_tokens))
 
     def forget(self, key: Hashable) -> None:
         """A request finished: drop what the lookup statistics keep for it."""

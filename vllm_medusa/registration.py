@@ -100,6 +100,7 @@ def translate_engine_args(args: Any) -> None:
 
     from vllm_medusa.heads import checkpoint_num_heads
     from vllm_medusa.proposer import heads_default_tree, resolve_medusa_tree
+    from vllm_medusa.trees import MAX_TREE_ROWS
 
     raw = dict(spec)
     raw["method"] = METHOD
@@ -116,8 +117,10 @@ def translate_engine_args(args: Any) -> None:
     if args.worker_cls not in ("auto", None, CPU_WORKER_CLASS, GPU_WORKER_CLASS):
         raise MedusaConfigError(f"medusa_tree runs in its own worker; remove --worker-cls "
                                 f"{args.worker_cls!r}")
+    # vLLM sizes its draft buffers by this: the tree, or a long prompt-lookup branch beyond it.
     args.speculative_config = {"method": "custom_class", "model": PROPOSER_CLASS,
-                               "num_speculative_tokens": tree.num_nodes}
+                               "num_speculative_tokens": min(tree.num_nodes + options.lookup,
+                                                             MAX_TREE_ROWS - 1)}
     args.worker_cls = CPU_WORKER_CLASS if cpu else GPU_WORKER_CLASS
     if not cpu:
         # Tree masks and positions change every step and are read by Python inside the attention

@@ -392,7 +392,8 @@ class MedusaTreeRunnerMixin:
         if step_tree.num_nodes == 0:  # no speculation next step: nothing to draft
             self._medusa_clock.step_done(len(active), step_tree, emitted, time.perf_counter() - t_draft)
             return drafts
-        caps = [min(step_tree.num_nodes, self._medusa_room(batch.req_ids[b])) for b in active]
+        rooms = [self._medusa_room(batch.req_ids[b]) for b in active]
+        caps = [min(step_tree.num_nodes, room) for room in rooms]
         hidden = sample_hidden_states[torch.tensor([rows[b] for b in active],
                                                    device=sample_hidden_states.device)]
         # The requests' tokens so far (prompt + output, this step's included) for prompt lookup.
@@ -400,7 +401,8 @@ class MedusaTreeRunnerMixin:
         with _timed(self.medusa_stats, "heads_and_tree"):
             proposed, trees = self.drafter.propose_trees(hidden, step_tree, caps,
                                                          [sampled_token_ids[b][-1] for b in active],
-                                                         contexts, [batch.req_ids[b] for b in active])
+                                                         contexts, [batch.req_ids[b] for b in active],
+                                                         rooms)
         for b, d, tree in zip(active, proposed, trees):
             drafts[b] = d
             self._medusa_trees[batch.req_ids[b]] = tree

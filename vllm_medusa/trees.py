@@ -233,21 +233,28 @@ def node_values(tree: MedusaTree, accuracies: Sequence[Sequence[float]]) -> list
 
 
 def merge_branch(tree: MedusaTree, drafts: Sequence[int], values: Sequence[float],
-                 branch: Sequence[int], branch_values: Sequence[float]) -> tuple[MedusaTree, list[int]]:
+                 branch: Sequence[int], branch_values: Sequence[float],
+                 extend_above: float = 1.0, limit: int | None = None) -> tuple[MedusaTree, list[int]]:
     """The tree of the same size holding the most valuable of ``tree``'s nodes (``values``; a prefix
     in the tree's order is kept, which is the best subtree when that order is by value, as
     ``optimal_tree`` makes it) and of the chain ``branch`` from the root (``branch_values[i]``: the
     chance that its first i+1 tokens are right).
 
     Nodes the branch shares with the kept tree are free. A chain stays a chain (no tree pass of
-    attention): the branch replaces it when its first n tokens are worth more.
+    attention): the branch replaces it when its first n tokens are worth more. A branch that made it
+    into the tree goes on beyond the size while its tokens are worth more than ``extend_above``
+    (what one more node costs, in accepted tokens: a long repeat is worth a bigger step), up to
+    ``limit`` nodes in all.
     """
     n = tree.num_nodes
     if n == 0 or len(branch) == 0:
         return tree, list(drafts)
+    worth = min(sum(1 for v in branch_values[:len(branch)] if v > extend_above),
+                max(n, limit if limit is not None else n))
     if tree.is_chain:
         if sum(branch_values[:n]) > sum(values[:n]):
-            return graft_chain(tree.truncate(0), [], branch[:n], n)
+            length = max(n, worth)
+            return graft_chain(tree.truncate(0), [], branch[:length], length)
         return tree, list(drafts)
     kept = taken = 0
     while kept + taken < n:
@@ -255,6 +262,8 @@ def merge_branch(tree: MedusaTree, drafts: Sequence[int], values: Sequence[float
             taken += 1
         else:
             kept += 1
+    if taken:
+        taken = max(taken, min(worth, (limit if limit is not None else n) - kept))
     return graft_chain(tree.truncate(kept), drafts[:kept], branch, kept + taken)
 
 
