@@ -194,19 +194,20 @@ class Method:
     error: str | None = None
 
 
-NO_LOOKUP = "-nolookup"
+LOOKUP_SUFFIXES = {"-nolookup": 0, "-lookup": 8}
 
 
 def make_method(name: str, model: str, heads: str, base: list[list[int]], base_src: str,
                 chain_heads: str | None = None) -> Method:
     """plain | medusa_chain (upstream, with ``chain_heads``, default ``heads``) | ngram | tree-N
     (base tree cut to N nodes) | tree-NAME (a preset or JSON file, whole) | adaptive (base tree,
-    size chosen per step by the plugin); ``-nolookup`` after a medusa_tree method turns its
-    prompt-lookup branch off (on by default)."""
-    if name.endswith(NO_LOOKUP) and (name.startswith("tree-") or name.startswith("adaptive")):
-        method = make_method(name[: -len(NO_LOOKUP)], model, heads, base, base_src, chain_heads)
-        return replace(method, name=name, spec={**method.spec, "lookup": 0},
-                       note=f"{method.note}, no lookup branch")
+    size chosen per step by the plugin); ``-lookup`` / ``-nolookup`` after a medusa_tree method
+    turn its prompt-lookup branch on (8 tokens) / off (the plugin's default: off)."""
+    for suffix, lookup in LOOKUP_SUFFIXES.items():
+        if name.endswith(suffix) and (name.startswith("tree-") or name.startswith("adaptive")):
+            method = make_method(name[: -len(suffix)], model, heads, base, base_src, chain_heads)
+            return replace(method, name=name, spec={**method.spec, "lookup": lookup},
+                           note=f"{method.note}, lookup branch {lookup or 'off'}")
     if name == "plain":
         return Method(name, None)
     if name == "ngram":

@@ -26,26 +26,33 @@ def main() -> None:
     p.add_argument("folders", nargs="+", type=Path)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--latest", default="bench/latest")
+    p.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
+                   help="relabel a method (e.g. runs made when an option had another default)")
     args = p.parse_args()
+    rename = dict(r.split("=", 1) for r in args.rename)
     model, heads = default_model(), default_heads()
     base, base_src = base_tree(heads, None)
     runs: list[dict] = []
     seen: set[str] = set()
     for i, folder in enumerate(args.folders):
         for r in json.loads((folder / "raw.json").read_text())["runs"]:
-            runs.append({**r, "group": f"{i}:{r.get('group', 0)}"})
-            seen.add(r["method"])
+            method = rename.get(r["method"], r["method"])
+            runs.append({**r, "method": method, "group": f"{i}:{r.get('group', 0)}"})
+            seen.add(method)
     order = ["plain", "medusa_chain", "ngram"] + sorted(m for m in seen if m not in ("plain", "medusa_chain", "ngram"))
     chain_heads = chain_heads_for(heads)
     methods = [make_method(n, model, heads, base, base_src, chain_heads) for n in order if n in seen]
     rows = summarize(methods, runs)
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "raw.json", {"runs": runs, "folders": [str(f) for f in args.folders]})
+    write_json(args.out / "raw.json", {"runs": runs, "folders": [str(f) for f in args.folders],
+                                       "renamed": rename})
     write_json(args.out / "summary.json", {"rows": rows})
     text = (f"# Offline benchmark (merged from {', '.join(f.name for f in args.folders)})\n\n"
             f"model `{Path(model).name}`, heads `{Path(heads).name}`"
             f"{chain_heads_note(Path(heads).name, Path(chain_heads).name, sorted(seen))}, base tree {base_src} "
-            f"({len(base)} nodes); MT-Bench first turns, 128 max tokens, median tokens/s.\n\n" + table(rows))
+            f"({len(base)} nodes); MT-Bench first turns, 128 max tokens, median tokens/s."
+            + (f" Relabelled: {', '.join(f'{a} as {b}' for a, b in rename.items())}." if rename else "")
+            + "\n\n" + table(rows))
     (args.out / "table.md").write_text(text)
     pngs = plots(rows, args.out)
     copy_latest([args.out / "table.md", args.out / "summary.json", *pngs], args.latest)

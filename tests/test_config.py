@@ -55,7 +55,7 @@ def test_engine_args_translation(demo_model, demo_heads):
         "method": "medusa_tree", "model": str(demo_heads), "tree": "chain-2"})
     config = args.create_engine_config()
     assert config.speculative_config.method == "custom_class"
-    assert config.speculative_config.num_speculative_tokens == 2 + 8  # + the lookup branch
+    assert config.speculative_config.num_speculative_tokens == 2
     assert config.parallel_config.worker_cls.startswith("vllm_medusa.")
     assert config.additional_config["medusa_tree"]["tree"] == "chain-2"
     assert config.scheduler_config.scheduler_cls == "vllm_medusa.scheduler.MedusaScheduler"

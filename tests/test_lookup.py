@@ -111,19 +111,27 @@ def test_merge_branch_keeps_the_size_and_the_most_valuable_nodes():
 def test_a_valuable_branch_grows_the_tree_up_to_the_limit():
     chain2 = MedusaTree.from_paths([(0,), (0, 0)])
     branch, hits = [7, 8, 9, 10, 11], [0.9, 0.8, 0.7, 0.6, 0.2]
-    tree, drafts = merge_branch(chain2, [1, 2], [0.4, 0.2], branch, hits, extend_above=0.5, limit=10)
+    cheap = [0.5] * 8
+    tree, drafts = merge_branch(chain2, [1, 2], [0.4, 0.2], branch, hits, cheap, limit=10)
     assert tree.is_chain and drafts == [7, 8, 9, 10]
-    tree, drafts = merge_branch(chain2, [1, 2], [0.4, 0.2], branch, hits, extend_above=0.5, limit=3)
+    tree, drafts = merge_branch(chain2, [1, 2], [0.4, 0.2], branch, hits, cheap, limit=3)
     assert drafts == [7, 8, 9]
-    tree, drafts = merge_branch(chain2, [1, 2], [0.4, 0.2], branch, hits, extend_above=0.95, limit=10)
+    tree, drafts = merge_branch(chain2, [1, 2], [0.4, 0.2], branch, hits, [0.65, 0.65], limit=10)
+    assert drafts == [7, 8, 9]  # 0.7 pays for the first extra node, 0.6 not for the second
+    tree, drafts = merge_branch(chain2, [1, 2], [0.4, 0.2], branch, hits, [0.75, 0.1], limit=10)
+    assert drafts == [7, 8]  # the 2nd extra node is cheap, but the first stops the growth
+    tree, drafts = merge_branch(chain2, [1, 2], [0.4, 0.2], branch, hits, [0.95], limit=10)
     assert drafts == [7, 8]  # nothing worth its cost beyond the size
     values = [0.4, 0.3, 0.2, 0.1, 0.05]
-    tree, drafts = merge_branch(TREE, DRAFTS, values, [12, 13, 14], [0.9, 0.8, 0.7], 0.5, 8)
+    tree, drafts = merge_branch(TREE, DRAFTS, values, [12, 13, 14], [0.9, 0.8, 0.7], cheap, 8)
     assert drafts == DRAFTS[:2] + [12, 13, 14]  # already all in: nothing to grow
-    tree, drafts = merge_branch(TREE, DRAFTS, values, branch, hits, 0.5, 7)
+    tree, drafts = merge_branch(TREE, DRAFTS, values, branch, hits, cheap, 7)
     assert drafts == [10, 7, 8, 9, 10]  # 4 branch nodes beat all but one; the 5th is not worth it
-    tree, drafts = merge_branch(TREE, DRAFTS, values, branch, hits, 0.1, 7)
+    tree, drafts = merge_branch(TREE, DRAFTS, values, branch, hits, [0.1] * 8, 7)
     assert drafts == [10, 7, 8, 9, 10, 11] and tree.num_nodes == 6  # worth it: grows past 5
+    weak = [0.5, 0.45, 0.05, 0.01, 0.005]  # takes two places and must not grow into the rest
+    tree, drafts = merge_branch(TREE, DRAFTS, values, branch, weak, [0.1] * 8, 16)
+    assert drafts == [10, 11, 20, 7, 8] and tree.num_nodes == TREE.num_nodes
 
 
 def test_node_values_are_path_products():

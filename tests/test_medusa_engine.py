@@ -3,7 +3,7 @@
 Losslessness is checked in float32: in bf16, plain decoding itself changes its argmax on near-ties
 when the batch shape changes (a logit ulp is 0.125 at these magnitudes), which would hide real bugs
 behind noise. Two engines for the whole module: plain decoding (the reference) and medusa_tree with
-a KV cache small enough to force preemption.
+a KV cache small enough to force preemption, and the prompt-lookup branch on (opt-in).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def medusa32(demo_model, demo_heads, plain32) -> Iterator[Any]:
               enforce_eager=True, seed=0, disable_log_stats=False,
               num_gpu_blocks_override=KV_BLOCKS,
               speculative_config={"method": "medusa_tree", "model": str(demo_heads), "tree": TREE,
-                                  "adaptive": False})
+                                  "adaptive": False, "lookup": 8})
     yield llm
     shutdown_llm(llm)
 

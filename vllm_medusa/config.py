@@ -31,7 +31,7 @@ class MedusaOptions:
     posterior_alpha: float = 0.3
     adaptive: bool = True
     max_topk: int = 10
-    lookup: int = 8  # prompt-lookup branch per tree (lookup.py): at most this many tokens; 0 = off
+    lookup: int = 0  # prompt-lookup branch per tree (lookup.py): at most this many tokens; 0 = off
     lookup_min: int = 2  # ... matching a repeated suffix of lookup_min..lookup_max tokens
     lookup_max: int = 4
 

@@ -163,14 +163,15 @@ class TreeBudgetPolicy:
             self._values[tree.paths] = [min(v * self._scale, 1.0) for v in node_values(tree, self.accuracies)]
         return self._values[tree.paths]
 
-    def node_cost(self, batch: int, tree: MedusaTree) -> float:
-        """One more verified node in one request's ``tree``, in accepted tokens it must bring to pay
-        for itself: the step's tokens times the relative cost of one more token in it (the cost
-        model's marginal token plus its per-node price)."""
+    def node_costs(self, batch: int, tree: MedusaTree, extra: int) -> list[float]:
+        """The price of 1..``extra`` more verified nodes in one request's ``tree``, each in accepted
+        tokens it must bring to pay for itself: the step's tokens times the relative cost of that
+        token in the step (the cost model's marginal token where it lands, plus a node's price)."""
         tokens = batch * (tree.num_nodes + 1)
         step = self.cost.step(batch, tree.num_nodes, not tree.is_chain)
-        marginal = self.cost.cost(tokens + 1) - self.cost.cost(tokens) + self.cost.per_node
-        return batch * self.expected_length(tree) * marginal / step
+        emitted = batch * self.expected_length(tree)
+        return [emitted * (self.cost.cost(tokens + i + 1) - self.cost.cost(tokens + i) + self.cost.per_node)
+                / step for i in range(extra)]
 
     def expected_length(self, tree: MedusaTree) -> float:
         """Predicted acceptance length, with its speculative part scaled by observation."""

@@ -143,9 +143,9 @@ class MedusaTreeProposer:
         assert stats is not None
         if self.policy is not None:
             values = self.policy.node_values(widest)
-            extend_above = self.policy.node_cost(len(trees), widest)
+            extend_above = self.policy.node_costs(len(trees), widest, opts.lookup)
         else:
-            values, extend_above = node_values(widest, heads_accuracies(opts.heads) or []), 1.0
+            values, extend_above = node_values(widest, heads_accuracies(opts.heads) or []), []
         for b, context in enumerate(contexts):
             key = keys[b] if keys is not None else b
             stats.update(key, context)

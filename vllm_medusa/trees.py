@@ -234,7 +234,7 @@ def node_values(tree: MedusaTree, accuracies: Sequence[Sequence[float]]) -> list
 
 def merge_branch(tree: MedusaTree, drafts: Sequence[int], values: Sequence[float],
                  branch: Sequence[int], branch_values: Sequence[float],
-                 extend_above: float = 1.0, limit: int | None = None) -> tuple[MedusaTree, list[int]]:
+                 extend_above: Sequence[float] = (), limit: int | None = None) -> tuple[MedusaTree, list[int]]:
     """The tree of the same size holding the most valuable of ``tree``'s nodes (``values``; a prefix
     in the tree's order is kept, which is the best subtree when that order is by value, as
     ``optimal_tree`` makes it) and of the chain ``branch`` from the root (``branch_values[i]``: the
@@ -242,18 +242,27 @@ def merge_branch(tree: MedusaTree, drafts: Sequence[int], values: Sequence[float
 
     Nodes the branch shares with the kept tree are free. A chain stays a chain (no tree pass of
     attention): the branch replaces it when its first n tokens are worth more. A branch that made it
-    into the tree goes on beyond the size while its tokens are worth more than ``extend_above``
-    (what one more node costs, in accepted tokens: a long repeat is worth a bigger step), up to
-    ``limit`` nodes in all.
+    into the tree goes on beyond the size while its next token is worth more than the next node
+    costs (``extend_above[i]``: the price of the (i+1)-th extra node, in accepted tokens; a long
+    repeat is worth a bigger step), up to ``limit`` nodes in all.
     """
     n = tree.num_nodes
     if n == 0 or len(branch) == 0:
         return tree, list(drafts)
-    worth = min(sum(1 for v in branch_values[:len(branch)] if v > extend_above),
-                max(n, limit if limit is not None else n))
+    limit = max(n, limit if limit is not None else n)
+
+    def extra(start: int) -> int:
+        """Branch nodes from position ``start`` on that pay for the extra node each one is."""
+        count = 0
+        for i, price in enumerate(extend_above):
+            if start + i >= min(len(branch), len(branch_values)) or branch_values[start + i] <= price:
+                break
+            count += 1
+        return count
+
     if tree.is_chain:
         if sum(branch_values[:n]) > sum(values[:n]):
-            length = max(n, worth)
+            length = min(n + extra(n), limit, len(branch))
             return graft_chain(tree.truncate(0), [], branch[:length], length)
         return tree, list(drafts)
     kept = taken = 0
@@ -263,7 +272,7 @@ def merge_branch(tree: MedusaTree, drafts: Sequence[int], values: Sequence[float
         else:
             kept += 1
     if taken:
-        taken = max(taken, min(worth, (limit if limit is not None else n) - kept))
+        taken = min(taken + extra(taken), limit - kept)
     return graft_chain(tree.truncate(kept), drafts[:kept], branch, kept + taken)
 
 
