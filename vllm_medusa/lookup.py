@@ -4,9 +4,10 @@ Small models repeat themselves and their prompts (names, code, lists, loops). Wh
 tokens occurred before in the prompt or the output, the tokens that followed them are a cheap and
 often long guess (vLLM's ``ngram`` method; "prompt lookup decoding"). Medusa heads are weak exactly
 there (a head guesses one position from one hidden state) and strong elsewhere, so the two are
-complementary. Each request's tree keeps its size (the adaptive policy's budget); the branch's nodes
-take the places of Medusa nodes worth less (``trees.merge_branch``), valued by how often the branch
-has been right after a match of the same length (``BranchStats``, learned while serving).
+complementary. Opt-in (``lookup``): each request's tree keeps its size (the adaptive policy's
+budget); the branch's nodes take the places of Medusa nodes worth less (``trees.merge_branch``),
+valued by how often the branch has been right after a match of the same length (``BranchStats``,
+learned while serving), and may grow the tree while a further token pays for its node.
 Verification is the same tree walk, so output stays exact; the branch only changes what is offered.
 """
 
