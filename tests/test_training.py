@@ -231,3 +231,17 @@ def test_features_resume_and_limit(tiny, tmp_path):
     feats = load_features(d)
     assert feats.lengths.numel() == 7 and feats.ids == [f"syn-{i}" for i in range(7)]
     assert (d / "shard-00000.pt").stat().st_mtime_ns == first
+
+
+def test_training_md_keeps_hand_written_notes(tmp_path):
+    from vllm_medusa.train.report import write_training_md
+
+    out = write_training_md(tmp_path, {"model_name": "m"})
+    out.write_text(out.read_text() + "\n## Notes\n\n- measured by hand\n")
+    text = write_training_md(tmp_path, {"model_name": "m"}).read_text()
+    assert text.count("## Notes") == 1 and text.rstrip().endswith("- measured by hand")
+    text = write_training_md(tmp_path, {"model_name": "m", "notes": ["from run.json"]}).read_text()
+    assert "from run.json" not in text and "measured by hand" in text  # the folder's own notes win
+    text = write_training_md(tmp_path / "new", {"model_name": "m", "notes": ["from run.json"]}).read_text() \
+        if (tmp_path / "new").mkdir() is None else ""
+    assert "- from run.json" in text

@@ -69,7 +69,7 @@ def _minutes(seconds: float | None) -> str:
 
 def write_training_md(out_dir: str | os.PathLike, run: dict[str, Any]) -> Path:
     """TRAINING.md: exact command, data, settings, stage times, accuracies, predicted acceptance,
-    and any free-form ``notes`` kept in run.json (observations a rerun should not lose)."""
+    and notes: the file's own ``## Notes`` section if it has one, else the ``notes`` in run.json."""
     stages = run.get("stages", {})
     ev = run.get("evaluation") or {}
     data = stages.get("distill", {}).get("data", {})
@@ -142,8 +142,12 @@ def write_training_md(out_dir: str | os.PathLike, run: dict[str, Any]) -> Path:
                   f"`tree.json` is `optimal_tree(accuracies, {ev.get('tree_budget')})`; "
                   "`accuracies.json` holds `accuracies[k][i]`, the per-rank (not cumulative) share of "
                   "positions where head k's (i+1)-th guess is right."]
-    if run.get("notes"):
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in run["notes"]]
     out = Path(out_dir) / "TRAINING.md"
+    if out.is_file() and "\n## Notes\n" in (old := out.read_text()):
+        # The folder's own notes (often edited by hand) win: run.json lives in a work directory
+        # that other heads may share, and a rerun of a stage must not drop them.
+        lines += ["", "## Notes", "", old.split("\n## Notes\n", 1)[1].strip("\n")]
+    elif run.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in run["notes"]]
     out.write_text("\n".join(lines) + "\n")
     return out
