@@ -159,6 +159,7 @@ def test_proposer_puts_the_lookup_branch_into_each_requests_tree():
 
     from vllm_medusa.config import MedusaOptions
     from vllm_medusa.heads import MedusaHeads
+    from vllm_medusa.policy import TreeBudgetPolicy
     from vllm_medusa.proposer import MedusaTreeProposer
     from vllm_medusa.trees import chain
 
@@ -169,11 +170,12 @@ def test_proposer_puts_the_lookup_branch_into_each_requests_tree():
     proposer = MedusaTreeProposer.__new__(MedusaTreeProposer)
     proposer.heads, proposer.draft_projection, proposer.compute_logits = heads, None, None
     proposer.lm_head_weight = torch.randn(vocab, hidden_size, generator=g)
-    proposer.embed_tokens, proposer.policy, proposer.num_speculative_tokens = None, None, 5
+    proposer.embed_tokens, proposer.num_speculative_tokens = None, 5
     proposer.options = MedusaOptions(heads="unused", lookup=3)
     proposer.branch_stats = BranchStats(3, 2, 4)
     hidden = torch.randn(2, hidden_size, generator=g)
     step = MedusaTree.from_paths(chain(2))
+    proposer.policy = TreeBudgetPolicy.for_tree(step, [[0.3], [0.2]])
     plain, _ = proposer.propose_trees(hidden, step, [2, 2])
     contexts = [np.array([7, 8, 9, 40, 41, 42, 43, 7, 8, 9]),  # a 3-token repeat: branch 40 41 42
                 np.array([1, 2, 3, 4])]  # nothing repeats: the Medusa chain only

@@ -242,6 +242,6 @@ def test_training_md_keeps_hand_written_notes(tmp_path):
     assert text.count("## Notes") == 1 and text.rstrip().endswith("- measured by hand")
     text = write_training_md(tmp_path, {"model_name": "m", "notes": ["from run.json"]}).read_text()
     assert "from run.json" not in text and "measured by hand" in text  # the folder's own notes win
-    text = write_training_md(tmp_path / "new", {"model_name": "m", "notes": ["from run.json"]}).read_text() \
-        if (tmp_path / "new").mkdir() is None else ""
+    (tmp_path / "new").mkdir()
+    text = write_training_md(tmp_path / "new", {"model_name": "m", "notes": ["from run.json"]}).read_text()
     assert "- from run.json" in text

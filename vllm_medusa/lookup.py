@@ -53,15 +53,20 @@ def longest_repeat(tokens: np.ndarray, min_n: int, max_n: int) -> tuple[int, int
     return int(ends[np.flatnonzero(length == best)[-1]]), best
 
 
+def continuation(tokens: np.ndarray, end: int, k: int) -> np.ndarray:
+    """The ``k`` tokens after index ``end``; when they run into the end of the context the text is
+    repeating with that period, and the continuation repeats it."""
+    return np.resize(np.asarray(tokens)[end + 1:], k)
+
+
 def prompt_lookup(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> np.ndarray:
-    """Up to ``k`` tokens predicted to follow ``tokens``: those after its longest repeated suffix
-    (``longest_repeat``). When they run into the end of the context the text is repeating with that
-    period, and the continuation repeats it."""
+    """Up to ``k`` tokens predicted to follow ``tokens``: the ``continuation`` of its longest
+    repeated suffix (``longest_repeat``)."""
     tokens = np.asarray(tokens)
     end, _ = longest_repeat(tokens, min_n, max_n)
     if end < 0 or k <= 0:
         return tokens[:0]
-    return np.resize(tokens[end + 1:], k)
+    return continuation(tokens, end, k)
 
 
 class BranchStats:
@@ -72,8 +77,7 @@ class BranchStats:
 
     def __init__(self, k: int, min_n: int, max_n: int, prior_weight: float = 16.0,
                  decay: float = 1 - 1 / 4096):
-        self.k, self.min_n, self.max_n = k, min_n, max_n
-        self.decay = decay
+        self.k, self.decay = k, decay
         lengths = range(min_n, max_n + 1)
         self.trials = {n: np.zeros(k) for n in lengths}
         self.hits = {n: np.zeros(k) for n in lengths}

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 from vllm_medusa.config import ADDITIONAL_CONFIG_KEY, MedusaOptions
 from vllm_medusa.heads import MedusaHeads, load_medusa_heads
-from vllm_medusa.lookup import BranchStats, longest_repeat
+from vllm_medusa.lookup import BranchStats, continuation, longest_repeat
 from vllm_medusa.policy import TreeBudgetPolicy
-from vllm_medusa.trees import MedusaTree, merge_branch, node_values, resolve_tree
+from vllm_medusa.trees import MedusaTree, merge_branch, resolve_tree
 
 logger = logging.getLogger(__name__)
 
@@ -139,20 +139,17 @@ class MedusaTreeProposer:
     def _add_lookup_branches(self, widest: MedusaTree, trees: list[MedusaTree], drafts: list[list[int]],
                              contexts: Sequence[np.ndarray], keys: Sequence[Hashable] | None,
                              rooms: Sequence[int]) -> None:
-        stats, opts = self.branch_stats, self.options
-        assert stats is not None
-        if self.policy is not None:
-            values = self.policy.node_values(widest)
-            extend_above = self.policy.node_costs(len(trees), widest, opts.lookup)
-        else:
-            values, extend_above = node_values(widest, heads_accuracies(opts.heads) or []), []
+        stats, opts, policy = self.branch_stats, self.options, self.policy
+        assert stats is not None and policy is not None
+        values = policy.node_values(widest)
+        extend_above = policy.node_costs(len(trees), widest, opts.lookup)
         for b, context in enumerate(contexts):
             key = keys[b] if keys is not None else b
             stats.update(key, context)
             end, match = longest_repeat(context, opts.lookup_min, opts.lookup_max)
             if end < 0:
                 continue
-            branch = np.resize(context[end + 1:], opts.lookup).tolist()
+            branch = continuation(context, end, opts.lookup).tolist()
             stats.drafted(key, context, match, branch)
             trees[b], drafts[b] = merge_branch(trees[b], drafts[b], values, branch,
                                                stats.values(match).tolist(), extend_above,
