@@ -12,7 +12,9 @@ ops = pytest.importorskip("vllm._custom_ops")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_ragged_trees_match_reference(dtype):
+@pytest.mark.parametrize("which", [slice(None), slice(1, 2)], ids=["three-requests", "one-request"])
+def test_ragged_trees_match_reference(dtype, which):
+    """Several ragged tree requests (the padded batched path) and a single one (its rows in place)."""
     torch.manual_seed(0)
     bs, hk, hq, d = 32, 3, 9, 64
     write = lambda k, v, kc, vc, s: ops.cpu_attn_reshape_and_cache(k, v, kc, vc, s, "vec")  # noqa: E731
@@ -20,6 +22,7 @@ def test_ragged_trees_match_reference(dtype):
     trees = [MedusaTree.from_paths(MC_SIM_7B_63[:20]), MedusaTree.from_paths(MC_SIM_7B_63),
              MedusaTree.from_paths([(0,), (1,), (0, 0)])]
     ctx_lens = [0, 31, 70]  # empty context, one ending just before a block boundary, several blocks
+    trees, ctx_lens = trees[which], ctx_lens[which]
     nb = 16
     kv = torch.zeros(nb, hk, bs, 2 * d, dtype=dtype)
     kc, vc = kv.view(nb, hk, 2 * bs, d).chunk(2, dim=2)

@@ -5,8 +5,10 @@ exact for prefills and for chain drafts, so it still runs for the whole batch; a
 requests whose tree is not a chain are recomputed here: each tree row attends to the request's
 context (whole blocks read through the block table) and to its ancestors among the tree rows (one
 int64 ancestor bitmask per row, the format the GPU kernel shares).
-All tree requests of a step are padded into one batched SDPA call per layer; query heads that share a
-KV head are stacked along the rows, so K/V are never repeated for GQA.
+All tree requests of a step are padded into one batched matmul - softmax - matmul per layer; query
+heads that share a KV head are stacked along the rows, so K/V are never repeated for GQA. It runs in
+every layer of a tree step, so it is written for few small ops: the per-step pieces (ancestor bias,
+row indices) are built once, and each operand is converted and placed with a single copy.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from vllm_medusa.kv_cache import CpuKVLayout
 from vllm_medusa.trees import masks_to_dense
@@ -36,7 +37,7 @@ class TreeAttentionBatch:
     mask: torch.Tensor  # [R, N, B * block_size + N] bool
     all_valid: bool
     single_start: int | None = None  # first batch row when there is one tree request
-    _head_masks: dict = field(default_factory=dict, repr=False)
+    _biases: dict = field(default_factory=dict, repr=False)
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """``x [T, ...]`` at the tree rows, ``[R, N, ...]``: a view when there is one tree request."""
@@ -44,15 +45,17 @@ class TreeAttentionBatch:
             return x[self.single_start:self.single_start + self.row_index.shape[1]].unsqueeze(0)
         return x[self.row_index]
 
-    def head_mask(self, g: int) -> torch.Tensor:
-        """``mask`` as SDPA's additive float mask (0 / -inf), repeated for the ``g`` query heads
-        stacked per KV head: ``[R, 1, g * N, K]``, built once per step rather than in every layer."""
-        if g not in self._head_masks:
+    def head_bias(self, g: int, kv_heads: int) -> torch.Tensor:
+        """``mask`` as an additive float bias (0 / -inf) for the ``g`` query heads stacked per KV
+        head, one matrix per (request, KV head): ``[R * kv_heads, g * N, K]``, built once per step
+        rather than in every layer."""
+        key = (g, kv_heads)
+        if key not in self._biases:
             r, n, keys = self.mask.shape
-            mask = self.mask[:, None, None].expand(r, 1, g, n, keys).reshape(r, 1, g * n, keys)
-            bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-            self._head_masks[g] = bias.masked_fill_(~mask, float("-inf"))
-        return self._head_masks[g]
+            bias = torch.zeros((r, kv_heads, g, n, keys), dtype=torch.float32, device=self.mask.device)
+            bias.masked_fill_(~self.mask[:, None, None], float("-inf"))
+            self._biases[key] = bias.view(r * kv_heads, g * n, keys)
+        return self._biases[key]
 
     @staticmethod
     def build(query_starts: Sequence[int], ancestor_masks: Sequence[Sequence[int]],
@@ -92,27 +95,27 @@ def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     ``query``/``key``/``value`` are this step's rows ``[T, heads, head_size]`` (keys already
     rotated); ``k_blocks``/``v_blocks`` the context blocks ``[R, kv_heads, nb, block_size,
     head_size]`` (any strides). Computed in float32: the tree path must agree with plain decoding to
-    the last bit that matters. It runs in every layer of a tree step, where small-op overhead is the
-    cost on a CPU: each operand is converted and placed with one copy into a preallocated buffer.
+    the last bit that matters.
     """
-    idx = batch.row_index
-    r, n = idx.shape
+    r, n = batch.row_index.shape
     _, hk, nb, bs, d = k_blocks.shape
-    hq = query.shape[1]
-    g = hq // hk
+    g = query.shape[1] // hk
     c = nb * bs
-    k = torch.empty((r, hk, c + n, d), dtype=torch.float32, device=query.device)
-    v = torch.empty_like(k)
-    k[:, :, :c].view(r, hk, nb, bs, d).copy_(k_blocks)
-    v[:, :, :c].view(r, hk, nb, bs, d).copy_(v_blocks)
     rows = batch.rows
-    k[:, :, c:].copy_(rows(key).transpose(1, 2))
+    # K is laid out transposed, [R, Hk, D, keys], so the scores are one batched matmul; the CPU
+    # cache stores K transposed within a block, which makes this a copy of contiguous rows.
+    kt = torch.empty((r, hk, d, c + n), dtype=torch.float32, device=query.device)
+    kt[..., :c].view(r, hk, d, nb, bs).copy_(k_blocks.permute(0, 1, 4, 2, 3))
+    kt[..., c:].copy_(rows(key).permute(0, 2, 3, 1))
+    v = torch.empty((r, hk, c + n, d), dtype=torch.float32, device=query.device)
+    v[:, :, :c].view(r, hk, nb, bs, d).copy_(v_blocks)
     v[:, :, c:].copy_(rows(value).transpose(1, 2))
-    # Stack the g query heads of each KV head along the rows: [R, Hk, g * N, D].
+    # Stack the g query heads of each KV head along the rows: [R * Hk, g * N, D].
     q = torch.empty((r, hk, g, n, d), dtype=torch.float32, device=query.device)
     q.copy_(rows(query).view(r, n, hk, g, d).permute(0, 2, 3, 1, 4))
-    out = F.scaled_dot_product_attention(q.view(r, hk, g * n, d), k, v, attn_mask=batch.head_mask(g),
-                                         scale=scale)
+    scores = torch.baddbmm(batch.head_bias(g, hk), q.view(r * hk, g * n, d), kt.view(r * hk, d, c + n),
+                           alpha=scale)
+    out = torch.bmm(torch.softmax(scores, dim=-1), v.view(r * hk, c + n, d))
     return out.view(r, hk, g, n, d).permute(0, 3, 1, 2, 4)
 
 
@@ -123,6 +126,10 @@ def paged_tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     k_blocks, v_blocks = layout.block_views(kv_cache, batch.block_ids)
     out = tree_attention(query, key, value, k_blocks, v_blocks, batch, scale)
     r, n = batch.row_index.shape
+    if batch.single_start is not None:  # one tree request: its rows are contiguous
+        start = batch.single_start
+        output[start:start + n].view(out.shape[1:]).copy_(out[0])
+        return
     rows = torch.empty(out.shape, dtype=output.dtype, device=output.device)
     rows.copy_(out)
     rows = rows.view(r, n, *output.shape[1:])

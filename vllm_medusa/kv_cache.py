@@ -93,7 +93,7 @@ class CpuKVLayout:
         r, nb = block_ids.shape
         bs, hs = self.block_size, self.head_size
         h = kv_cache.shape[1]
-        flat = kv_cache[block_ids.reshape(-1)].view(r, nb, h, 2 * bs * hs)
+        flat = kv_cache.index_select(0, block_ids.reshape(-1)).view(r, nb, h, 2 * bs * hs)
         k_region, v_region = flat[..., : bs * hs], flat[..., bs * hs:]
         if self.k_transposed:
             k = k_region.reshape(r, nb, h, hs, bs).permute(0, 2, 1, 4, 3)
