@@ -23,6 +23,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The adaptive policy's saved profiles: one empty folder per test session, so no test depends on
+# what an earlier run (or the user's own engines) learned.
+os.environ.setdefault("VLLM_MEDUSA_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="vllm-medusa-profiles-"))
 # GPU kernels are tested on CPU tensors under Triton's interpreter; the variable must be set before
 # anything (vLLM included) imports triton, so it lives here rather than in the kernel tests.
 if not __import__("torch").cuda.is_available():

@@ -12,9 +12,14 @@ Two sources for that rate:
 - *measurement*: the runner reports every pure-decode step's emitted tokens and wall period, and the
   policy keeps a moving average per (batch bucket, candidate). Measured rates replace the prior,
   and the prior (rescaled to the measured ones) only decides which untried candidates are worth a
-  probe. Probes are rare and limited to plausible candidates, so a wrong cost model costs a few
-  steps, not the run. This is what makes the policy hardware-independent: on a CPU where 5-token
-  steps are not free, or a GPU where they are, it converges to what is fastest there.
+  probe. This is what makes the policy hardware-independent: on a CPU where 5-token steps are not
+  free, or a GPU where they are, it converges to what is fastest there.
+
+Exploring has a bounded price: a step spent on anything but the current best is charged what it
+lost against the best's rate, and a probe is taken only while the charges stay within
+``explore_budget`` (1%) of the decoding time so far; a candidate whose prior, even ``prior_slack``
+times better, cannot beat the best is never probed. The cost model (measured at engine start) and
+the measurements are saved per setup (``profile_store.py``), so a fresh engine starts converged.
 """
 
 from __future__ import annotations
@@ -43,8 +48,16 @@ class StepCostModel:
     draft: float = 0.006
     per_node: float = 0.0006
     tree_pass: float = 0.005  # recomputing branching-tree rows in every layer (~5 ms at batch 1 here)
+    points: tuple[tuple[int, float], ...] = ()  # measured (tokens, seconds): interpolated if given
 
     def cost(self, tokens: int) -> float:
+        if len(self.points) >= 2:
+            pts = self.points
+            if tokens <= pts[0][0]:
+                return pts[0][1]
+            for (t0, s0), (t1, s1) in zip(pts, pts[1:]):
+                if tokens <= t1 or (t1, s1) == pts[-1]:
+                    return s0 + (s1 - s0) * (tokens - t0) / (t1 - t0)
         return self.base + self.per_token * max(0, tokens - self.knee)
 
     def step(self, batch: int, nodes: int, branching: bool) -> float:
@@ -55,11 +68,58 @@ class StepCostModel:
         return t
 
     @staticmethod
+    def from_dict(data: dict) -> "StepCostModel":
+        keys = ("base", "knee", "per_token", "draft", "per_node", "tree_pass")
+        values = {k: data[k] for k in keys if k in data}
+        if not all(isinstance(v, (int, float)) and v >= 0 for v in values.values()):
+            raise ValueError(f"step-cost model needs non-negative numbers, got {values}")
+        try:
+            points = tuple(sorted((int(t), float(sec)) for t, sec in data.get("points", ())))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"step-cost points must be [tokens, seconds] pairs: {e}") from None
+        if any(t < 1 or sec <= 0 for t, sec in points) or len({t for t, _ in points}) != len(points):
+            raise ValueError(f"step-cost points must have distinct token counts >= 1 and positive times: {points}")
+        return StepCostModel(**values, points=points)
+
+    def to_dict(self) -> dict:
+        d: dict = {k: getattr(self, k) for k in ("base", "knee", "per_token", "draft", "per_node", "tree_pass")}
+        if self.points:
+            d["points"] = [list(p) for p in self.points]
+        return d
+
+    @staticmethod
     def from_file(path: str) -> "StepCostModel":
         with open(path) as f:
-            data = json.load(f)
-        keys = ("base", "knee", "per_token", "draft", "per_node", "tree_pass")
-        return StepCostModel(**{k: data[k] for k in keys if k in data})
+            return StepCostModel.from_dict(json.load(f))
+
+    @staticmethod
+    def fit(points: dict[int, float], **fixed: float) -> "StepCostModel":
+        """The measured points (interpolated by ``cost``), and a flat-then-linear summary of forward
+        seconds per step carrying T tokens for reading: for each candidate
+        knee, least squares of ``base + per_token * max(0, T - knee)`` in relative error (small
+        steps matter as much as big ones); the best knee wins. ``fixed`` sets the terms a forward
+        pass does not measure (drafting, the tree pass)."""
+        ts = sorted(points)
+        if len(ts) < 3 or any(points[t] <= 0 for t in ts):
+            raise ValueError(f"need positive step times for at least 3 token counts, got {points}")
+        best: tuple[float, float, float, int] | None = None
+        for knee in range(1, ts[-2] + 1):
+            xs = [max(0, t - knee) for t in ts]
+            w = [1 / points[t] ** 2 for t in ts]
+            sw = sum(w)
+            mx = sum(wi * x for wi, x in zip(w, xs)) / sw
+            my = sum(wi * points[t] for wi, t in zip(w, ts)) / sw
+            sxx = sum(wi * (x - mx) ** 2 for wi, x in zip(w, xs))
+            slope = max(sum(wi * (x - mx) * (points[t] - my) for wi, x, t in zip(w, xs, ts)) / sxx, 0.0) if sxx else 0.0
+            base = my - slope * mx
+            err = sum(wi * (base + slope * x - points[t]) ** 2 for wi, x, t in zip(w, xs, ts))
+            if base > 0 and (best is None or err < best[0]):
+                best = (err, base, slope, knee)
+        if best is None:
+            raise ValueError(f"no flat-then-linear fit for {points}")
+        _, base, per_token, knee = best
+        return StepCostModel(base=base, knee=knee, per_token=max(per_token, 1e-6),
+                             points=tuple((t, points[t]) for t in ts), **fixed)
 
     @staticmethod
     def default() -> "StepCostModel":
@@ -111,6 +171,12 @@ def _decayed_count(n: int, decay: float) -> float:
 class _Bucket:
     arms: dict[int, _Arm] = field(default_factory=dict)  # candidate index -> measurements
     steps: int = 0
+    best: int = 0  # the candidate the last choice thought best, and its score (tokens/s)
+    best_score: float = 0.0
+
+
+def candidate_name(tree: MedusaTree) -> str:
+    return "none" if tree.num_nodes == 0 else f"{'chain' if tree.is_chain else 'tree'}-{tree.num_nodes}"
 
 
 @dataclass
@@ -121,10 +187,11 @@ class TreeBudgetPolicy:
     adaptive: bool = True
     refresh_every: int = 256  # tree steps between re-estimates of the acceptance scale
     min_samples: int = 16  # measured steps before a candidate's measurement replaces its prior
+    early_samples: int = 4  # ... and before it prices further probes of it
     probe_every: int = 16  # once measured, one re-probe of a neighbour in this many steps
     close: float = 0.9  # ... a neighbour measured further behind than this only every 4th time
-    plausible: float = 0.85  # probe candidates whose rescaled prior is within this of the best
-    neighbour_floor: float = 0.7  # ... and the larger neighbour of the best unless far worse
+    prior_slack: float = 1.2  # never probe an untried candidate whose prior x this loses to the best
+    explore_budget: float = 0.01  # probes may cost at most this fraction of the decoding time so far
     decay: float = 1 - 1 / 64  # measurements fade over ~64 steps (costs drift with context)
     margin: float = 0.03  # speculation must beat no speculation by this much
     outlier: float = 4.0  # a step this many times slower than usual is not the candidate's cost
@@ -138,6 +205,8 @@ class TreeBudgetPolicy:
     _predicted: float = 0.0
     _since_refresh: int = 0
     _scale: float = 1.0
+    _elapsed: float = 0.0  # seconds of recorded steps
+    _explore_spent: float = 0.0  # seconds those steps lost to probing (vs the best's rate)
 
     def __post_init__(self) -> None:
         self.candidates = candidate_trees(self.tree, self.num_heads)
@@ -148,6 +217,11 @@ class TreeBudgetPolicy:
                  num_heads: int | None = None) -> "TreeBudgetPolicy":
         return TreeBudgetPolicy(tree, accuracies or _FALLBACK_ACCURACIES,
                                 cost or StepCostModel.default(), adaptive, num_heads=num_heads)
+
+    def set_cost(self, cost: StepCostModel) -> None:
+        """Price the prior with another step-cost model (measured at start-up, or loaded)."""
+        self.cost = cost
+        self._prior.clear()
 
     # -- the prior -----------------------------------------------------------------------------
     def _predicted_length(self, tree: MedusaTree) -> float:
@@ -240,33 +314,80 @@ class TreeBudgetPolicy:
         best = max(range(len(scores)), key=lambda i: (scores[i], -i))
         if scores[best] < (1 + self.margin) * scores[0]:
             best = 0  # speculate only for a clear gain: measurements are noisy
-        # Probe the best one's neighbours (so a prior with the wrong shape is walked away from) and
-        # any candidate the rescaled prior finds plausible, until each has a measurement. The
-        # smaller neighbour is always worth a look (it is cheaper); the larger one only if the prior
-        # does not rule it out, so a busy batch is not slowed by probing big trees.
-        neighbours = [i for i in (best - 1, best + 1) if 0 <= i < len(scores)
-                      and (i < best or scores[i] >= self.neighbour_floor * scores[best])]
-        plausible = [i for i in range(len(scores)) if scores[i] >= self.plausible * scores[best]]
-        untried = [i for i in dict.fromkeys(neighbours + plausible) if i != best
-                   and bucket.arms.get(i, _Arm()).count < self.min_samples]
+        bucket.best, bucket.best_score = best, scores[best]
+        # Probe the best one's smaller neighbour (cheaper steps: so a prior with the wrong shape is
+        # walked away from) and any candidate the prior, given the benefit of the doubt, could find
+        # better than the best, until each has a measurement. A larger candidate the prior rules
+        # out is never tried: on a busy batch, that is every speculating one.
+        measured = {i for i, a in bucket.arms.items() if a.count >= self.min_samples}
+        eligible = [i for i in range(len(scores)) if i != best and (
+            i in measured or i == best - 1 or scores[i] * self.prior_slack >= scores[best])]
+        untried = [i for i in eligible if i not in measured]
         if untried and bucket.steps % 2 == 0:
-            return max(untried, key=lambda i: scores[i])
+            i = max(untried, key=lambda i: scores[i])
+            if self._affordable(bucket, scores, i):
+                return i
+        neighbours = [i for i in (best - 1, best + 1) if i in eligible]
         if not untried and neighbours and bucket.steps % self.probe_every == 0:
-            # Keep the neighbours' measurements fresh: costs drift with context length. Each probe
-            # of a clear loser is a slower step (on a busy server, the usual case), so those wait
-            # four times as long.
+            # Keep the neighbours' measurements fresh: costs drift with context length.
             i = neighbours[(bucket.steps // self.probe_every) % len(neighbours)]
-            if scores[i] >= self.close * scores[best] or bucket.steps % (4 * self.probe_every) == 0:
+            if self._affordable(bucket, scores, i):
                 return i
         return best
 
+    def _affordable(self, bucket: _Bucket, scores: list[float], index: int) -> bool:
+        """Whether a step of ``index`` instead of the best keeps exploring within its budget. Its
+        expected loss is the usual step's seconds times how far its rate trails the best's: the
+        rate its first few probe steps measured, else its score."""
+        usual = max(bucket.arms.values(), key=lambda a: a.count, default=None)
+        step = (usual.seconds / _decayed_count(usual.count, self.decay) if usual is not None and usual.count
+                else self._elapsed / max(sum(a.count for b in self._buckets.values() for a in b.arms.values()), 1))
+        arm = bucket.arms.get(index)
+        rate = arm.rate if arm is not None and arm.count >= self.early_samples else scores[index]
+        loss = step * max(0.0, 1.0 - rate / max(scores[bucket.best], 1e-9))
+        return self._explore_spent + loss <= self.explore_budget * self._elapsed
+
     def summary(self) -> dict[str, dict[str, dict[str, float]]]:
         """Per batch bucket, per measured candidate (``chain-N``/``tree-N``/``none``): tokens/s, samples."""
-        def name(t: MedusaTree) -> str:
-            return "none" if t.num_nodes == 0 else f"{'chain' if t.is_chain else 'tree'}-{t.num_nodes}"
-        return {str(b): {name(self.candidates[i]): {"tok_s": round(a.rate, 1), "steps": a.count}
+        return {str(b): {candidate_name(self.candidates[i]): {"tok_s": round(a.rate, 1), "steps": a.count}
                          for i, a in sorted(bucket.arms.items())}
                 for b, bucket in sorted(self._buckets.items())}
+
+    def exploration(self) -> dict[str, float]:
+        """Seconds decoding and seconds lost to probes (steps of a candidate that was not the best,
+        charged against the best's rate), since this engine started."""
+        return {"elapsed_s": round(self._elapsed, 3), "explore_s": round(self._explore_spent, 3),
+                "fraction": round(self._explore_spent / self._elapsed, 5) if self._elapsed else 0.0}
+
+    # -- persistence ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What was learned while serving (JSON-able): the acceptance scale and, per batch bucket
+        and candidate, the decayed sums of tokens and seconds."""
+        return {"scale": self._scale, "seen": self._seen, "predicted": self._predicted,
+                "buckets": {str(b): {candidate_name(self.candidates[i]): [a.tokens, a.seconds, a.count]
+                                     for i, a in bucket.arms.items()}
+                            for b, bucket in self._buckets.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Start from an earlier engine's measurements (candidates it named that this policy lacks
+        are skipped). Raises ValueError on a malformed state, leaving this policy as it was."""
+        names = {candidate_name(c): i for i, c in enumerate(self.candidates)}
+        try:
+            scale = float(state["scale"])
+            buckets: dict[int, _Bucket] = {}
+            for b, arms in state["buckets"].items():
+                bucket = buckets.setdefault(int(b), _Bucket())
+                for name, (tokens, seconds, count) in arms.items():
+                    if name in names and float(seconds) > 0 and float(tokens) >= 0:
+                        bucket.arms[names[name]] = _Arm(float(tokens), float(seconds), int(count))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"malformed policy state: {e!r}") from e
+        if not 0.0 < scale <= 2.0:
+            raise ValueError(f"malformed policy state: acceptance scale {scale}")
+        self._buckets, self._scale = buckets, scale
+        self._seen, self._predicted = float(state.get("seen", 0.0)), float(state.get("predicted", 0.0))
+        self._prior.clear()
+        self._values.clear()
 
     # -- feedback ------------------------------------------------------------------------------
     def record_step(self, batch: int, tree: MedusaTree, tokens: int, seconds: float) -> None:
@@ -283,6 +404,9 @@ class TreeBudgetPolicy:
         if usual is not None and usual.count >= self.min_samples:
             if seconds > self.outlier * usual.seconds / _decayed_count(usual.count, self.decay):
                 return  # a one-off stall (first use of a code path, another process), not a cost
+        self._elapsed += seconds
+        if index != bucket.best and bucket.best_score > 0:
+            self._explore_spent = max(0.0, self._explore_spent + seconds - tokens / bucket.best_score)
         arm = bucket.arms.setdefault(index, _Arm())
         arm.tokens = arm.tokens * self.decay + tokens
         arm.seconds = arm.seconds * self.decay + seconds

