@@ -70,11 +70,15 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
                 None if len(a) == len(b) else min(len(a), len(b)))
 
 
-def sampling_distributions(llm: Any, prompt: str, n: int, length: int, seed0: int) -> list[Counter]:
+def sampling_distributions(llm: Any, prompt: str, n: int, length: int, seed0: int,
+                           **sampling: Any) -> list[Counter]:
+    """Per output position, the tokens drawn by ``n`` seeded requests (temperature 0.8, top-p 0.95
+    unless ``sampling`` says otherwise)."""
     from vllm import SamplingParams
 
-    params = [SamplingParams(temperature=0.8, top_p=0.95, seed=seed0 + i, max_tokens=length,
-                             ignore_eos=True) for i in range(n)]
+    sampling = {"temperature": 0.8, "top_p": 0.95, **sampling}
+    params = [SamplingParams(seed=seed0 + i, max_tokens=length, ignore_eos=True, **sampling)
+              for i in range(n)]
     # In chunks whose prefills fit one step: vLLM 0.32 on CPU crashes when it rewinds the seeded
     # generator of a request whose prefill was split (`CPU Generator does not use offset`), with or
     # without speculation.
