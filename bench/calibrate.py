@@ -3,8 +3,10 @@
     python bench/calibrate.py --out cost.json [--model M]
     VLLM_MEDUSA_COST_PROFILE=cost.json vllm-medusa serve M --speculative-model medusa:H
 
-Times plain decoding steps carrying T tokens (T requests decoding together, T = 1..64), then fits
-cost(T) = base + per_token * max(0, T - knee): flat until the hardware's knee, linear after it.
+Times plain decoding steps carrying T tokens (T requests decoding together, T = 1..64) and writes
+them with the flat-then-linear summary (``StepCostModel.fit``). A medusa_tree engine measures forward
+passes itself at its first start and saves them (``profile_store.py``); this file overrides that
+with whole decoding steps (scheduling and sampling included).
 """
 
 from __future__ import annotations
@@ -12,21 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-
-
-def fit(points: dict[int, float]) -> dict[str, float]:
-    """Piecewise-linear fit: base from the smallest steps, slope from the largest two."""
-    ts = sorted(points)
-    base = statistics.median(points[t] for t in ts[:2])
-    hi, lo = ts[-1], ts[-2]
-    per_token = max((points[hi] - points[lo]) / (hi - lo), 1e-6)
-    knee = max(1, round(hi - (points[hi] - base) / per_token))
-    return {"base": base, "knee": knee, "per_token": per_token}
 
 
 def main() -> None:
@@ -42,6 +33,7 @@ def main() -> None:
 
     from vllm_medusa.data import mtbench_prompts
     from vllm_medusa.demo import demo_model_path
+    from vllm_medusa.policy import StepCostModel
 
     model = args.model or str(demo_model_path())
     llm = LLM(model=model, max_model_len=2048, enforce_eager=True, seed=0)
@@ -55,9 +47,9 @@ def main() -> None:
         t0 = time.perf_counter()
         llm.generate(batch, params, use_tqdm=False)
         points[t] = (time.perf_counter() - t0) / args.steps
-    model_fit = fit(points)
+    model_fit = StepCostModel.fit(points).to_dict()
     with open(args.out, "w") as f:
-        json.dump({**model_fit, "measured": points, "model": model}, f, indent=2)
+        json.dump({**model_fit, "model": model}, f, indent=2)
     print(json.dumps(model_fit))
 
 

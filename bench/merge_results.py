@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import (base_tree, chain_heads_for, chain_heads_note, copy_latest, default_heads,  # noqa: E402
                     default_model, make_method, write_json)
-from offline import plots, summarize, table  # noqa: E402
+from offline import cold_warm_table, plots, summarize, table  # noqa: E402
 
 
 def main() -> None:
@@ -52,7 +52,9 @@ def main() -> None:
             f"{chain_heads_note(Path(heads).name, Path(chain_heads).name, sorted(seen))}, base tree {base_src} "
             f"({len(base)} nodes); MT-Bench first turns, 128 max tokens, median tokens/s."
             + (f" Relabelled: {', '.join(f'{a} as {b}' for a, b in rename.items())}." if rename else "")
-            + "\n\n" + table(rows))
+            + "\n\n" + (f"Greedy, x plain decoding, cold (fresh engine, nothing excluded) and warm:\n\n{cw}\n"
+                          if (cw := cold_warm_table(rows)) else "")
+            + table(rows))
     (args.out / "table.md").write_text(text)
     pngs = plots(rows, args.out)
     copy_latest([args.out / "table.md", args.out / "summary.json", *pngs], args.latest)

@@ -3,6 +3,7 @@
     .venv/bin/python bench/offline.py                 # everything, ~all defaults (takes a while)
     .venv/bin/python bench/offline.py --smoke         # seconds of generation, for tests
     .venv/bin/python bench/offline.py --methods plain,tree-8 --batch-sizes 1,4 --repeats 1
+    .venv/bin/python bench/offline.py --methods plain,adaptive --modes cold,warm --batch-sizes 1,4,16,64,shift
 
 Every method is one engine in its own child process; a method that crashes costs only its own rows.
 Engines run in groups (`--concurrent`, default 4 alive at once, plain decoding in every group): they
@@ -13,6 +14,13 @@ while the other engines idle. The order rotates with the
 repeat. So a drift of the shared machine hits every method alike, and each ratio is to the plain runs
 of the same group. Quoted figures are medians over repeats; acceptance comes from vLLM's spec-decode
 counters summed over repeats.
+
+Cold mode (`--modes cold`) measures what a user starting an engine gets: every (configuration,
+repeat, method) is a fresh engine, one alive at a time, with no warm-up: the first prompts are timed
+from the first step. `--profile-cache new` (default) gives each engine an empty policy-profile cache
+(the first engine ever on the machine); `--profile-cache DIR` shares DIR (engines after the first
+start from what earlier ones saved). Batch size `shift` is a shifting load: a burst of 16 requests
+that drains to 1 as they finish, then another burst of 16.
 """
 
 from __future__ import annotations
@@ -46,6 +54,17 @@ SMOKE = dict(methods="plain,tree-4", batch_sizes="1,2", temperatures="0,0.7", re
 READY = "@@bench-ready "
 RESULT = "@@bench-result "
 WARMUP_PROMPT = "Write one sentence about the sea."  # unrelated to MT-Bench
+SHIFT = "shift"
+SHIFT_BURSTS = (16, 16)  # the shifting load: bursts submitted one after the other, each draining
+
+
+def parse_batches(text: str) -> list:
+    """Batch sizes: integers, or ``shift`` for the shifting load."""
+    return [x.strip() if x.strip() == SHIFT else int(x) for x in text.split(",") if x.strip()]
+
+
+def batch_key(b: Any) -> tuple:
+    return (isinstance(b, str), b if isinstance(b, int) else 0)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,7 +77,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                   "file (default: the heads' tree.json, else mc_sim_7b_63)")
     p.add_argument("--methods", help=f"comma list (default {DEFAULT_METHODS}); tree-N = base tree "
                                      "cut to N nodes, tree-NAME = a whole preset/JSON tree")
-    p.add_argument("--batch-sizes", help="comma list (default 1,4,16,64)")
+    p.add_argument("--batch-sizes", help="comma list (default 1,4,16,64); 'shift' = bursts of 16 that "
+                                         "drain as requests finish")
+    p.add_argument("--modes", default="warm",
+                   help="warm (engines warmed up and reused, default), cold (a fresh engine per "
+                        "configuration and repeat, nothing excluded), or both: cold,warm")
+    p.add_argument("--profile-cache", default="new",
+                   help="policy-profile cache of the medusa_tree engines: 'new' (an empty one per "
+                        "engine, default) or a folder shared by every engine of the run")
     p.add_argument("--temperatures", help="comma list (default 0,0.7)")
     p.add_argument("--repeats", type=int, help="runs per configuration, median quoted (default 3)")
     p.add_argument("--max-tokens", type=int, help="max new tokens per prompt (default 128)")
@@ -146,8 +172,9 @@ def worker(job_file: str) -> None:
     llm = LLM(model=job["model"], speculative_config=job["spec"], **job["engine"])
     start_s = time.perf_counter() - t0
     pool = bench_prompts(job["model"], job["num_prompts"])
-    for t in job["temperatures"]:
-        llm.generate([WARMUP_PROMPT] * 2, SamplingParams(temperature=t, max_tokens=16), use_tqdm=False)
+    if job.get("warmup", True):
+        for t in job["temperatures"]:
+            llm.generate([WARMUP_PROMPT] * 2, SamplingParams(temperature=t, max_tokens=16), use_tqdm=False)
     print(READY, json.dumps({"vllm_version": vllm.__version__, "engine_start_s": start_s}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -155,22 +182,27 @@ def worker(job_file: str) -> None:
             break
         b, t = cmd["batch_size"], cmd["temperature"]
         params = SamplingParams(temperature=t, max_tokens=job["max_tokens"], ignore_eos=False)
-        prompts = take(pool, -(-max(b, job["min_prompts"]) // b) * b)
+        bursts = list(SHIFT_BURSTS) if b == SHIFT else [b] * -(-max(b, job["min_prompts"]) // b)
+        prompts = take(pool, sum(bursts))
         before = read_counters(llm, medusa)
         t0 = time.perf_counter()
-        outs = [o for i in range(0, len(prompts), b)
-                for o in llm.generate(prompts[i:i + b], params, use_tqdm=False)]
+        outs, i = [], 0
+        for n in bursts:
+            outs += llm.generate(prompts[i:i + n], params, use_tqdm=False)
+            i += n
         elapsed = time.perf_counter() - t0
         after = read_counters(llm, medusa)
         spec = diff_counters(after, before)
         tokens = [len(o.outputs[0].token_ids) for o in outs]
-        run = {"method": job["method"], "group": job["group"], "batch_size": b, "temperature": t,
+        run = {"method": job["method"], "mode": job.get("mode", "warm"), "group": job["group"],
+               "batch_size": b, "temperature": t,
                "repeat": cmd["repeat"], "elapsed_s": elapsed, "output_tokens": sum(tokens),
                "tokens_per_s": sum(tokens) / elapsed, "tpot_ms": median([tpot_ms(o) for o in outs]), **spec,
                "output_hashes": [hashlib.sha1(str(list(o.outputs[0].token_ids)).encode()).hexdigest()[:12]
                                  for o in outs]}
         if medusa:  # what the adaptive policy has measured so far (tokens/s per candidate)
             run["policy"] = after["medusa"].get("policy", {})
+            run["exploration"] = after["medusa"].get("exploration", {})
         print(RESULT, json.dumps(run), flush=True)
 
 
@@ -179,11 +211,13 @@ def worker(job_file: str) -> None:
 class Engine:
     """A worker process holding one method's engine; its vLLM log goes to logs/<method>.log."""
 
-    def __init__(self, method: Method, group: int, args: argparse.Namespace, model: str, out: Path):
+    def __init__(self, method: Method, group: Any, args: argparse.Namespace, model: str, out: Path,
+                 mode: str = "warm"):
         (out / "logs").mkdir(exist_ok=True)
         self.method, self.group = method, group
         tag = f"{method.name}.g{group}"
-        job = {"method": method.name, "group": group, "spec": method.spec, "model": model,
+        job = {"method": method.name, "group": group, "mode": mode, "warmup": mode == "warm",
+               "spec": method.spec, "model": model,
                "temperatures": parse_list(args.temperatures, float), "max_tokens": args.max_tokens,
                "num_prompts": args.num_prompts, "min_prompts": args.min_prompts,
                "engine": {"enforce_eager": args.enforce_eager, "max_model_len": args.max_model_len, "seed": 0,
@@ -194,9 +228,14 @@ class Engine:
         self.log = open(out / "logs" / f"{tag}.log", "w")
         self.tail: collections.deque[str] = collections.deque(maxlen=30)
         self.lines: queue.Queue = queue.Queue()
+        env = dict(os.environ)
+        if args.profile_cache == "new":  # each engine starts with an empty policy-profile cache
+            env["VLLM_MEDUSA_CACHE_DIR"] = str(out / "profiles" / tag)
+        else:
+            env["VLLM_MEDUSA_CACHE_DIR"] = str(Path(args.profile_cache).resolve())
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(job_file)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, start_new_session=True)
+                                     text=True, start_new_session=True, env=env)
         threading.Thread(target=self._read, daemon=True).start()
         self.info: dict = {}
         self.error: str | None = None
@@ -275,7 +314,7 @@ def run_group(group: list[Method], gid: int, args: argparse.Namespace, model: st
         engines.append(e)
     runs = []
     try:
-        for b in parse_list(args.batch_sizes):
+        for b in parse_batches(args.batch_sizes):
             for t in parse_list(args.temperatures, float):
                 for r in range(args.repeats):
                     k = r % len(engines)
@@ -296,21 +335,48 @@ def run_group(group: list[Method], gid: int, args: argparse.Namespace, model: st
     return runs
 
 
+def run_cold(methods: list[Method], args: argparse.Namespace, model: str, out: Path, bar: Any,
+             meta: dict) -> list[dict]:
+    """A fresh engine for every configuration, repeat and method (one alive at a time, no warm-up),
+    the methods' order rotating with the repeat."""
+    runs = []
+    for b in parse_batches(args.batch_sizes):
+        for t in parse_list(args.temperatures, float):
+            for r in range(args.repeats):
+                k = r % len(methods)
+                for m in methods[k:] + methods[:k]:
+                    e = Engine(m, f"cold-b{b}-t{t:g}-r{r}", args, model, out, mode="cold")
+                    e.ready(args.method_timeout)
+                    if e.info:
+                        meta.setdefault("vllm_version", e.info.get("vllm_version"))
+                        meta.setdefault("engine_start_s", {})[f"{m.name}.{e.group}"] = e.info.get("engine_start_s")
+                    res = e.run({"batch_size": b, "temperature": t, "repeat": r}, args.method_timeout)
+                    if res is not None:
+                        res["group"] = "cold"  # every cold run's ratio is to all cold plain runs
+                        runs.append(res)
+                    if e.error is None:
+                        e.close()
+                    m.error = m.error or e.error
+                    e.log.close()
+                    bar.update(1)
+    return runs
+
+
 def summarize(methods: list[Method], runs: list[dict]) -> list[dict]:
     """One row per (method, batch size, temperature): medians over repeats, summed counters."""
     nodes = {m.name: m.nodes for m in methods}
     depth = {m.name: m.depth for m in methods}
     groups: dict[tuple, list[dict]] = collections.defaultdict(list)
     for r in runs:
-        groups[(r["method"], r["batch_size"], r["temperature"])].append(r)
+        groups[(r.get("mode", "warm"), r["method"], r["batch_size"], r["temperature"])].append(r)
     rows = []
-    for (name, b, t), rs in groups.items():
+    for (mode, name, b, t), rs in groups.items():
         drafts = sum(r["drafts"] for r in rs)
         accepted = sum(r["accepted"] for r in rs)
         per_pos = [0] * depth[name]  # vLLM's vector has a slot per draft token, a tree only `depth`
         for r in rs:
             per_pos = add_lists(per_pos, r["per_pos"][: depth[name]])
-        row = {"method": name, "nodes": nodes[name], "depth": depth[name], "temperature": t, "batch_size": b, "repeats": len(rs),
+        row = {"mode": mode, "method": name, "nodes": nodes[name], "depth": depth[name], "temperature": t, "batch_size": b, "repeats": len(rs),
                "tokens_per_s": median([r["tokens_per_s"] for r in rs]),
                "tpot_ms": median([r["tpot_ms"] for r in rs]),
                "output_tokens": median([r["output_tokens"] for r in rs]),
@@ -326,36 +392,61 @@ def summarize(methods: list[Method], runs: list[dict]) -> list[dict]:
             row["medusa_nodes_per_step"] = sum(m["nodes"] for m in med) / steps if steps else 0.0
             row["medusa_mean_acceptance_length"] = 1 + sum(m["accepted_tokens"] for m in med) / steps if steps else None
             row["medusa_non_leftmost"] = sum(m["non_leftmost"] for m in med) / steps if steps else None
+        explored = [r["exploration"] for r in rs if r.get("exploration") and r.get("mode") == "cold"]
+        if explored:  # a cold engine's whole life is the run: the share of its time spent probing
+            row["explore_fraction"] = median([e["fraction"] for e in explored])
         rows.append(row)
     # Each method's ratio is to the plain runs of its own group (measured interleaved with it).
     plain_tps: dict[tuple, list[float]] = collections.defaultdict(list)
-    method_groups_of: dict[str, set] = collections.defaultdict(set)
+    method_groups_of: dict[tuple, set] = collections.defaultdict(set)
     for r in runs:
-        method_groups_of[r["method"]].add(r.get("group", 0))
+        mode = r.get("mode", "warm")
+        method_groups_of[(mode, r["method"])].add(r.get("group", 0))
         if r["method"] == "plain":
-            plain_tps[(r.get("group", 0), r["batch_size"], r["temperature"])].append(r["tokens_per_s"])
-    first = {(r["method"], r["batch_size"], r["temperature"]): r["output_hashes"]
+            plain_tps[(mode, r.get("group", 0), r["batch_size"], r["temperature"])].append(r["tokens_per_s"])
+    first = {(r.get("mode", "warm"), r["method"], r["batch_size"], r["temperature"]): r["output_hashes"]
              for r in runs if r["repeat"] == 0}
     for row in rows:
-        key = (row["batch_size"], row["temperature"])
-        base = [x for g in method_groups_of[row["method"]] for x in plain_tps.get((g, *key), [])]
+        mode, key = row["mode"], (row["batch_size"], row["temperature"])
+        base = [x for g in method_groups_of[(mode, row["method"])] for x in plain_tps.get((mode, g, *key), [])]
         row["plain_tokens_per_s"] = median(base) if base else None
         row["speedup"] = row["tokens_per_s"] / row["plain_tokens_per_s"] if base else None
-        if base and row["temperature"] == 0 and ("plain", *key) in first:
-            mine, ref = first[(row["method"], *key)], first[("plain", *key)]
+        if base and row["temperature"] == 0 and (mode, "plain", *key) in first:
+            mine, ref = first[(mode, row["method"], *key)], first[(mode, "plain", *key)]
             row["greedy_same_as_plain"] = sum(a == b for a, b in zip(mine, ref)) / len(ref)
     order = {m.name: i for i, m in enumerate(methods)}
-    rows.sort(key=lambda r: (r["temperature"], r["batch_size"], order[r["method"]]))
+    rows.sort(key=lambda r: (r["mode"], r["temperature"], batch_key(r["batch_size"]), order[r["method"]]))
     return rows
 
 
+def cold_warm_table(rows: list[dict]) -> str:
+    """Greedy x plain, cold and warm side by side, per method and batch size."""
+    greedy = [r for r in rows if r["temperature"] == 0 and r["method"] != "plain"]
+    if {r["mode"] for r in greedy} != {"cold", "warm"}:
+        return ""
+    cell = {(r["mode"], r["method"], r["batch_size"]): r for r in greedy}
+    batches = sorted({r["batch_size"] for r in greedy}, key=batch_key)
+    body = []
+    for m in dict.fromkeys(r["method"] for r in greedy):
+        line = [m]
+        for b in batches:
+            for mode in ("cold", "warm"):
+                r = cell.get((mode, m, b))
+                line.append(f"{r['speedup']:.2f}x" if r and r["speedup"] else "-")
+        body.append(line)
+    header = ["method"] + [f"{'b' if isinstance(b, int) else ''}{b} {mode}" for b in batches for mode in ("cold", "warm")]
+    return md_table(header, body)
+
+
 def table(rows: list[dict]) -> str:
-    header = ["method", "nodes", "temp", "batch", "tok/s", "TPOT ms", "plain tok/s (group)", "x plain", "acc. len",
-              "acc. rate per depth", "tree nodes/step", "greedy = plain"]
-    body = [[r["method"], r["nodes"], r["temperature"], r["batch_size"], round(r["tokens_per_s"], 1),
+    header = ["mode", "method", "nodes", "temp", "batch", "tok/s", "TPOT ms", "plain tok/s (group)", "x plain", "acc. len",
+              "acc. rate per depth", "tree nodes/step", "greedy = plain",
+              "probing share"]
+    body = [[r["mode"], r["method"], r["nodes"], r["temperature"], r["batch_size"], round(r["tokens_per_s"], 1),
              r["tpot_ms"], r.get("plain_tokens_per_s"), r["speedup"], r["mean_acceptance_length"],
              " / ".join(f"{x:.2f}" for x in r["acceptance_per_depth"]) or "-",
-             r.get("medusa_nodes_per_step"), r.get("greedy_same_as_plain")] for r in rows]
+             r.get("medusa_nodes_per_step"), r.get("greedy_same_as_plain"), r.get("explore_fraction")]
+            for r in rows]
     return md_table(header, body)
 
 
@@ -367,17 +458,20 @@ def plots(rows: list[dict], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     methods = list(dict.fromkeys(r["method"] for r in rows))
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
     temps = sorted({r["temperature"] for r in rows})
     greedy = 0.0 if 0.0 in temps else temps[0]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for m in methods:
-        pts = [(r["batch_size"], r["speedup"]) for r in rows
-               if r["method"] == m and r["temperature"] == greedy and r["speedup"] is not None]
-        if m != "plain" and pts:
-            ax.plot(*zip(*pts), marker="o", label=m)
+    for mode in modes:
+        for m in methods:
+            pts = [(r["batch_size"], r["speedup"]) for r in rows if r["method"] == m and r["mode"] == mode
+                   and r["temperature"] == greedy and r["speedup"] is not None and isinstance(r["batch_size"], int)]
+            if m != "plain" and pts:
+                ax.plot(*zip(*pts), marker="o", ls="--" if mode == "cold" else "-",
+                        label=f"{m} ({mode})" if len(modes) > 1 else m)
     ax.axhline(1.0, color="grey", lw=1, ls="--", label="plain")
     ax.set_xscale("log", base=2)
-    batches = sorted({r["batch_size"] for r in rows})
+    batches = sorted({r["batch_size"] for r in rows if isinstance(r["batch_size"], int)})
     ax.set_xticks(batches, [str(b) for b in batches])
     ax.set_xlabel("batch size")
     ax.set_ylabel("output tokens/s relative to plain")
@@ -432,17 +526,26 @@ def main() -> None:
     base, base_src = base_tree(heads, args.tree) if needs_heads else ([], "")
     chain_heads = args.chain_heads or chain_heads_for(heads)
     methods = [make_method(n, model, heads, base, base_src, chain_heads) for n in names]
-    configs = len(parse_list(args.batch_sizes)) * len(parse_list(args.temperatures, float)) * args.repeats
+    configs = len(parse_batches(args.batch_sizes)) * len(parse_list(args.temperatures, float)) * args.repeats
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not set(modes) <= {"cold", "warm"} or not modes:
+        raise SystemExit(f"--modes takes cold, warm or both, got {args.modes!r}")
     meta = {"args": vars(args), "model": model, "heads": heads, "chain_heads": chain_heads, "base_tree": base, "base_tree_source": base_src,
             "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     runs: list[dict] = []
     groups = method_groups(methods, args.concurrent)
     meta["groups"] = [[m.name for m in g] for g in groups]
-    with tqdm(total=sum(len(g) for g in groups) * configs, unit="run", desc="offline") as bar:
-        for gid, group in enumerate(groups):
-            bar.set_postfix_str(",".join(m.name for m in group))
-            runs += run_group(group, gid, args, model, out, bar, meta)
+    total = (len(methods) * configs if "cold" in modes else 0) + (
+        sum(len(g) for g in groups) * configs if "warm" in modes else 0)
+    with tqdm(total=total, unit="run", desc="offline") as bar:
+        if "cold" in modes:
+            bar.set_postfix_str("cold")
+            runs += run_cold(methods, args, model, out, bar, meta)
+        if "warm" in modes:
+            for gid, group in enumerate(groups):
+                bar.set_postfix_str(",".join(m.name for m in group))
+                runs += run_group(group, gid, args, model, out, bar, meta)
     for m in methods:
         if m.error:
             tqdm.write(f"{m.name} failed: {m.error.strip().splitlines()[-1]}")
@@ -455,6 +558,8 @@ def main() -> None:
             f"{chain_heads_note(heads, chain_heads, names)}, "
             + (f"base tree {base_src} ({len(base)} nodes), " if base else "") + f"max_tokens {args.max_tokens}, "
             f"{args.repeats} repeat(s), median tokens/s; MT-Bench first turns.\n\n"
+            + (f"Greedy, x plain decoding, cold (fresh engine, nothing excluded) and warm:\n\n{cw}\n"
+               if (cw := cold_warm_table(rows)) else "")
             + table(rows) + ("\n" + failed if failed else ""))
     (out / "table.md").write_text(text)
     pngs = plots(rows, out) if rows else []

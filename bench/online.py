@@ -91,6 +91,14 @@ def serve_command() -> list[str]:
 @contextlib.contextmanager
 def server(model: str, flags: list[str], log_path: Path, timeout: float) -> Iterator[str]:
     """A `vllm-medusa serve` child in its own process group; yields its base URL once healthy."""
+    with server_process(model, flags, log_path, timeout) as (base, _):
+        yield base
+
+
+@contextlib.contextmanager
+def server_process(model: str, flags: list[str], log_path: Path, timeout: float
+                   ) -> Iterator[tuple[str, subprocess.Popen]]:
+    """As ``server``, also yielding the process (its group holds the engine core)."""
     import httpx
 
     port = free_port()
@@ -115,7 +123,7 @@ def server(model: str, flags: list[str], log_path: Path, timeout: float) -> Iter
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"server not healthy after {timeout} s; see {log_path}")
                 time.sleep(2)
-            yield base
+            yield base, proc
         finally:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)

@@ -35,11 +35,11 @@ def heads(tmp_path_factory: pytest.TempPathFactory) -> Path:
                              dtype=torch.bfloat16)
 
 
-def run(script: str, out: Path, heads: Path) -> str:
+def run(script: str, out: Path, heads: Path, *extra: str) -> str:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     proc = subprocess.run([sys.executable, str(REPO / "bench" / script), "--smoke", "--out", str(out),
-                           "--heads", str(heads)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=1800)
+                           "--heads", str(heads), *extra], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -64,6 +64,21 @@ def test_offline_smoke(tmp_path: Path, heads: Path) -> None:
     table = (tmp_path / "table.md").read_text()
     for column in ("method", "tok/s", "TPOT ms", "x plain", "acc. len", "acc. rate per depth"):
         assert f"| {column} |" in table or f" {column} |" in table, column
+
+
+@pytest.mark.engine
+def test_offline_cold_smoke(tmp_path: Path, heads: Path) -> None:
+    """Cold mode: a fresh engine per run, the shifting load, a per-engine profile cache."""
+    run("offline.py", tmp_path, heads, "--modes", "cold", "--batch-sizes", "shift",
+        "--temperatures", "0", "--methods", "plain,adaptive")
+    rows = json.loads((tmp_path / "summary.json").read_text())["rows"]
+    assert {(r["mode"], r["method"], r["batch_size"]) for r in rows} == {
+        ("cold", "plain", "shift"), ("cold", "adaptive", "shift")}
+    raw = json.loads((tmp_path / "raw.json").read_text())["runs"]
+    assert all(r["output_tokens"] > 0 for r in raw)
+    adaptive = next(r for r in raw if r["method"] == "adaptive")
+    assert 0 <= adaptive["exploration"]["fraction"] <= 1
+    assert list((tmp_path / "profiles").rglob("profile-*.json")), "the engine saved its profile"
 
 
 @pytest.mark.engine
