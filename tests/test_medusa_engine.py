@@ -125,6 +125,35 @@ def test_parameters_other_spec_engines_refuse_follow_plain(medusa32, plain32, de
         assert not any(13 in c for c in a), "a -100 bias should ban the token"
 
 
+def test_structured_output_is_drafted_and_equals_plain(medusa32, plain32, demo_model):
+    """A JSON-schema request gets drafts (the heads' top-1 chain, validated and masked by vLLM's
+    grammar machinery per position) and its greedy output is plain decoding's."""
+    import json
+
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    from vllm_medusa.data import chat_prompt
+
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                               "city": {"type": "string"}},
+              "required": ["name", "age", "city"]}
+    params = SamplingParams(temperature=0, max_tokens=64,
+                            structured_outputs=StructuredOutputsParams(json=schema))
+    tok = AutoTokenizer.from_pretrained(str(demo_model))
+    prompts = [chat_prompt(tok, f"Describe {who} as a JSON object with name, age and city.")
+               for who in ("a baker from Lyon", "a sailor aged 40")]
+    before = medusa32.collective_rpc("medusa_stats")[0]
+    got = medusa32.generate(prompts, params, use_tqdm=False)
+    after = medusa32.collective_rpc("medusa_stats")[0]
+    want = plain32[0].generate(prompts, params, use_tqdm=False)
+    _assert_same([list(o.outputs[0].token_ids) for o in got], [list(o.outputs[0].token_ids) for o in want])
+    for o in got:
+        assert set(json.loads(o.outputs[0].text)) >= {"name", "age", "city"}
+    assert after["tree_steps"] > before["tree_steps"] and after["accepted_tokens"] > before["accepted_tokens"]
+
+
 def test_same_seed_same_output(medusa32):
     from vllm import SamplingParams
 

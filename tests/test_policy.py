@@ -144,3 +144,38 @@ def test_no_speculation_without_a_clear_gain():
     chain1 = p.candidates[1]
     chosen = run(p, 1, lambda t: 30.0 if t.num_nodes == 0 else (30.5 if t is chain1 else 10.0), 400)
     assert sum(t.num_nodes == 0 for t in chosen[-100:]) >= 90
+
+
+def test_step_cost_model_from_start_up_measurements():
+    """Measured forward times are interpolated (and extrapolated past the last point); the
+    flat-then-linear summary finds the knee; a malformed profile is refused by name."""
+    import pytest
+
+    points = {1: 0.030, 2: 0.030, 4: 0.031, 8: 0.032, 16: 0.062, 32: 0.126}
+    m = StepCostModel.fit(points, draft=0.002)
+    assert m.cost(4) == pytest.approx(0.031) and m.cost(12) == pytest.approx(0.047)
+    assert m.cost(64) == pytest.approx(0.254)  # last segment's slope
+    assert 6 <= m.knee <= 9 and m.per_token == pytest.approx(0.004, rel=0.1)
+    assert StepCostModel.from_dict(m.to_dict()) == m
+    with pytest.raises(ValueError, match="points"):
+        StepCostModel.from_dict({"points": [[1, 0.03], [1, 0.04]]})
+    with pytest.raises(ValueError):
+        StepCostModel.fit({1: 0.03, 2: 0.03})
+    # A machine where every extra token is dear (no bf16 GEMMs in hardware): no speculation at batch 1.
+    slow = StepCostModel.fit({1: 0.051, 2: 0.090, 4: 0.117, 8: 0.153, 16: 0.244, 32: 0.406}, draft=0.007)
+    p = TreeBudgetPolicy.for_tree(MedusaTree.from_paths(MC_SIM_7B_63), [[0.38, 0.1], [0.19], [0.11]], cost=slow)
+    assert p.prior_choice(1).num_nodes == 0
+
+
+def test_the_prior_alone_speculates_only_for_a_clear_gain():
+    """Unmeasured, a candidate the prior puts 5% ahead of no speculation is not taken (the prior
+    is less sure than a measurement); once measured 5% ahead, it is."""
+    p = policy()
+    chain1 = next(c for c in p.candidates if c.is_chain and c.num_nodes == 1)
+    p._prior = {(4, i): (105.0 if c is chain1 else 100.0 if c.num_nodes == 0 else 50.0)
+                for i, c in enumerate(p.candidates)}
+    assert p.choose(4).num_nodes == 0
+    for _ in range(p.min_samples):
+        p.record_step(4, chain1, 4, 4 / 105.0)
+        p.record_step(4, p.candidates[0], 4, 4 / 100.0)
+    assert p.choose(4) is chain1

@@ -125,6 +125,9 @@ def test_a_fresh_engine_given_a_saved_profile_decodes_with_its_choice(demo_model
     files = list(tmp_path.glob("profile-*.json"))
     assert len(files) == 1
     data = json.loads(files[0].read_text())
+    # The first engine of a setup measured its step costs at start-up (forward passes of 1..32 tokens).
+    assert [t for t, _ in data["cost"]["points"]] == [1, 2, 4, 8, 16, 32]
+    assert all(sec > 0 for _, sec in data["cost"]["points"]) and data["cost"]["draft"] > 0
     data["policy"]["buckets"] = {"1": {"none": [64.0, 2.0, 64], "chain-1": [90.0, 2.2, 64],
                                        "chain-2": [160.0, 2.2, 64], "chain-3": [100.0, 2.6, 64]}}
     files[0].write_text(json.dumps(data))

@@ -102,3 +102,14 @@ def test_optimal_tree_is_optimal(budget):
     acc = [[0.5, 0.3, 0.1], [0.45, 0.2, 0.15], [0.35, 0.25, 0.05]]
     tree = optimal_tree(acc, budget)
     assert expected_acceptance_length(tree, acc) == pytest.approx(_brute_force_best(acc, budget))
+
+
+def test_top1_chain_follows_each_heads_first_guess():
+    from vllm_medusa.trees import top1_chain
+
+    tree = MedusaTree.from_paths([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 1, 0]])
+    tokens = [10, 11, 20, 21, 22, 30, 31]  # row i holds tokens[i - 1]
+    chain_tree, chain_tokens = top1_chain(tree, tokens)
+    assert chain_tree.is_chain and chain_tree.num_nodes == 3
+    assert chain_tokens == [10, 20, 30]
+    assert top1_chain(MedusaTree.from_paths([[1]]), [5]) == (MedusaTree(()), [])

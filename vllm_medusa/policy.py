@@ -194,6 +194,7 @@ class TreeBudgetPolicy:
     explore_budget: float = 0.01  # probes may cost at most this fraction of the decoding time so far
     decay: float = 1 - 1 / 64  # measurements fade over ~64 steps (costs drift with context)
     margin: float = 0.03  # speculation must beat no speculation by this much
+    prior_margin: float = 0.10  # ... by this much where the speculating candidate is not yet measured
     outlier: float = 4.0  # a step this many times slower than usual is not the candidate's cost
     num_heads: int | None = None  # chains may go this deep (default: the tree's depth)
     candidates: list[MedusaTree] = field(init=False)
@@ -312,19 +313,21 @@ class TreeBudgetPolicy:
         bucket.steps += 1
         scores = self._scores(batch, bucket)
         best = max(range(len(scores)), key=lambda i: (scores[i], -i))
-        if scores[best] < (1 + self.margin) * scores[0]:
-            best = 0  # speculate only for a clear gain: measurements are noisy
+        measured = {i for i, a in bucket.arms.items() if a.count >= self.min_samples}
+        margin = self.margin if best in measured else self.prior_margin
+        if scores[best] < (1 + margin) * scores[0]:
+            best = 0  # speculate only for a clear gain: measurements are noisy, priors more so
         bucket.best, bucket.best_score = best, scores[best]
         # Probe the best one's smaller neighbour (cheaper steps: so a prior with the wrong shape is
         # walked away from) and any candidate the prior, given the benefit of the doubt, could find
         # better than the best, until each has a measurement. A larger candidate the prior rules
         # out is never tried: on a busy batch, that is every speculating one.
-        measured = {i for i, a in bucket.arms.items() if a.count >= self.min_samples}
         eligible = [i for i in range(len(scores)) if i != best and (
             i in measured or i == best - 1 or scores[i] * self.prior_slack >= scores[best])]
         untried = [i for i in eligible if i not in measured]
         if untried and bucket.steps % 2 == 0:
-            i = max(untried, key=lambda i: scores[i])
+            # The cheaper neighbour first: where a prior errs, it is mostly on what speculating costs.
+            i = best - 1 if best - 1 in untried else max(untried, key=lambda i: scores[i])
             if self._affordable(bucket, scores, i):
                 return i
         neighbours = [i for i in (best - 1, best + 1) if i in eligible]

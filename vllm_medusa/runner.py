@@ -31,7 +31,7 @@ import torch
 from vllm_medusa.attention import TreeAttentionBatch, paged_tree_attention
 from vllm_medusa.kv_cache import CpuKVLayout, compaction_moves
 from vllm_medusa.proposer import MedusaTreeProposer
-from vllm_medusa.trees import GRAFT_RANK, MedusaTree, chain
+from vllm_medusa.trees import GRAFT_RANK, MedusaTree, chain, top1_chain
 from vllm_medusa.verification import TypicalAcceptance, pack_outputs, walk_trees
 
 
@@ -451,8 +451,7 @@ class MedusaTreeRunnerMixin:
         num_reqs = len(sampled_token_ids)
         rows = (self._medusa_last_rows if spec_decode_metadata is not None
                 and self._medusa_last_rows is not None else list(range(num_reqs)))
-        active = [b for b in range(num_reqs) if sampled_token_ids[b]
-                  and not _uses_structured_output(self.requests[batch.req_ids[b]])]
+        active = [b for b in range(num_reqs) if sampled_token_ids[b]]
         drafts: list[list[int]] = [[] for _ in range(num_reqs)]
         if not active:
             self._medusa_clock.step_done(0, None, 0)
@@ -475,6 +474,8 @@ class MedusaTreeRunnerMixin:
                                                          contexts, [batch.req_ids[b] for b in active],
                                                          rooms)
         for b, d, tree in zip(active, proposed, trees):
+            if _uses_structured_output(self.requests[batch.req_ids[b]]):
+                tree, d = top1_chain(tree, d)  # the grammar masks positions: a chain, not a tree
             drafts[b] = d
             self._medusa_trees[batch.req_ids[b]] = tree
         self._medusa_clock.step_done(len(active), step_tree, emitted, time.perf_counter() - t_draft)

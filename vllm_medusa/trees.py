@@ -190,6 +190,16 @@ class MedusaTree:
 GRAFT_RANK = 1 << 16
 
 
+def top1_chain(tree: MedusaTree, tokens: Sequence[int]) -> tuple[MedusaTree, list[int]]:
+    """The tree's path of every head's top guess, as a chain with its draft tokens (``tokens[i - 1]``
+    is row i's). A request whose output a grammar constrains is verified with it: vLLM validates
+    and masks a request's drafts as consecutive positions, which a chain is and a tree is not."""
+    rows, row = [], 0
+    while (row := next((c for c in tree.children[row] if tree.ranks[c] == 0), -1)) > 0:
+        rows.append(row)
+    return MedusaTree(tuple(chain(len(rows)))), [tokens[r - 1] for r in rows]
+
+
 def graft_chain(tree: MedusaTree, drafts: Sequence[int], branch: Sequence[int],
                 max_nodes: int) -> tuple[MedusaTree, list[int]]:
     """``tree`` with draft tokens ``drafts`` plus the chain ``branch`` hanging from the root.
