@@ -105,26 +105,6 @@ def test_sampling_matches_plain_distribution(medusa32, plain32, demo_model):
     assert after["accepted_tokens"] > before["accepted_tokens"], "sampling should accept drafts"
 
 
-@pytest.mark.parametrize("sampling", [{"temperature": 1.0, "min_p": 0.05},
-                                      {"temperature": 0.8, "logit_bias": {13: -100.0, 30: 3.0}}],
-                         ids=["min_p", "logit_bias"])
-def test_parameters_other_spec_engines_refuse_follow_plain(medusa32, plain32, demo_model, sampling):
-    """vLLM refuses min_p and logit_bias for speculative engines; medusa_tree accepts them and
-    its samples follow plain decoding's distribution (same test as above, 300 samples)."""
-    from transformers import AutoTokenizer
-
-    from vllm_medusa.data import chat_prompt
-
-    plain, _ = plain32
-    prompt = chat_prompt(AutoTokenizer.from_pretrained(str(demo_model)), "Describe a forest.")
-    a = sampling_distributions(medusa32, prompt, n=300, length=5, seed0=0, **sampling)
-    b = sampling_distributions(plain, prompt, n=300, length=5, seed0=10_000, **sampling)
-    pvalues = [same_distribution_pvalue(x, y) for x, y in zip(a, b)]
-    assert min(pvalues) > 1e-3, pvalues
-    if "logit_bias" in sampling:
-        assert not any(13 in c for c in a), "a -100 bias should ban the token"
-
-
 def test_structured_output_is_drafted_and_equals_plain(medusa32, plain32, demo_model):
     """A JSON-schema request gets drafts (the heads' top-1 chain, validated and masked by vLLM's
     grammar machinery per position) and its greedy output is plain decoding's."""

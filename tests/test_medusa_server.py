@@ -15,7 +15,7 @@ pytestmark = pytest.mark.engine
 @pytest.mark.timeout(600)
 def test_server_with_medusa_tree(demo_model, demo_heads):
     args = [str(demo_model), "--enforce-eager", "--max-model-len", "1024", "--served-model-name",
-            "demo", "--speculative-model", f"medusa:{demo_heads}", "--medusa-tree", "small"]
+            "demo", "--speculative-model", f"medusa:{demo_heads}?adaptive=false", "--medusa-tree", "small"]
     with running_server(args) as base:
         body = {"model": "demo", "prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 24, "temperature": 0}
         first = post(f"{base}/v1/completions", body)

@@ -234,31 +234,4 @@ def register() -> None:
     EngineArgs.create_engine_config = create_engine_config
     EngineArgs.add_cli_args = staticmethod(add_cli_args_with_medusa)
     EngineArgs.from_cli_args = classmethod(from_cli_args_with_medusa)
-    _accept_all_sampling_params()
 
-
-def is_medusa_engine(speculative_config: Any) -> bool:
-    """A built ``SpeculativeConfig`` whose drafter is the Medusa tree proposer."""
-    return (getattr(speculative_config, "method", None) == "custom_class"
-            and getattr(speculative_config, "model", None) == PROPOSER_CLASS)
-
-
-def _accept_all_sampling_params() -> None:
-    """vLLM's front end refuses ``min_p`` and ``logit_bias`` for speculative engines (its
-    rejection sampler ignores logits processors). The tree walk draws every token with vLLM's own
-    sampler and logits processors, one row per request per tree level, so for medusa_tree engines
-    those parameters are honoured exactly and the refusal is lifted."""
-    from vllm.sampling_params import SamplingParams
-
-    validate = getattr(SamplingParams, "_validate_spec_decode", None)
-    if validate is None or getattr(validate, "_medusa", False):
-        return
-
-    @functools.wraps(validate)
-    def validate_spec_decode(self, speculative_config, *a, **kw):
-        if is_medusa_engine(speculative_config):
-            return None
-        return validate(self, speculative_config, *a, **kw)
-
-    validate_spec_decode._medusa = True
-    SamplingParams._validate_spec_decode = validate_spec_decode
