@@ -189,7 +189,6 @@ class TreeBudgetPolicy:
     min_samples: int = 16  # measured steps before a candidate's measurement replaces its prior
     early_samples: int = 4  # ... and before it prices further probes of it
     probe_every: int = 16  # once measured, one re-probe of a neighbour in this many steps
-    close: float = 0.9  # ... a neighbour measured further behind than this only every 4th time
     prior_slack: float = 1.2  # never probe an untried candidate whose prior x this loses to the best
     explore_budget: float = 0.01  # probes may cost at most this fraction of the decoding time so far
     decay: float = 1 - 1 / 64  # measurements fade over ~64 steps (costs drift with context)
@@ -342,13 +341,20 @@ class TreeBudgetPolicy:
         """Whether a step of ``index`` instead of the best keeps exploring within its budget. Its
         expected loss is the usual step's seconds times how far its rate trails the best's: the
         rate its first few probe steps measured, else its score."""
-        usual = max(bucket.arms.values(), key=lambda a: a.count, default=None)
-        step = (usual.seconds / _decayed_count(usual.count, self.decay) if usual is not None and usual.count
-                else self._elapsed / max(sum(a.count for b in self._buckets.values() for a in b.arms.values()), 1))
+        step = self._usual_seconds(bucket)
+        if step is None:
+            step = self._elapsed / max(sum(a.count for b in self._buckets.values() for a in b.arms.values()), 1)
         arm = bucket.arms.get(index)
         rate = arm.rate if arm is not None and arm.count >= self.early_samples else scores[index]
         loss = step * max(0.0, 1.0 - rate / max(scores[bucket.best], 1e-9))
         return self._explore_spent + loss <= self.explore_budget * self._elapsed
+
+    def _usual_seconds(self, bucket: _Bucket, min_count: int = 1) -> float | None:
+        """Mean seconds of a step of the bucket's most measured candidate (None below ``min_count``)."""
+        usual = max(bucket.arms.values(), key=lambda a: a.count, default=None)
+        if usual is None or usual.count < max(min_count, 1):
+            return None
+        return usual.seconds / _decayed_count(usual.count, self.decay)
 
     def summary(self) -> dict[str, dict[str, dict[str, float]]]:
         """Per batch bucket, per measured candidate (``chain-N``/``tree-N``/``none``): tokens/s, samples."""
@@ -403,10 +409,9 @@ class TreeBudgetPolicy:
         except StopIteration:
             return
         bucket = self._buckets.setdefault(batch_bucket(batch), _Bucket())
-        usual = max(bucket.arms.values(), key=lambda a: a.count, default=None)
-        if usual is not None and usual.count >= self.min_samples:
-            if seconds > self.outlier * usual.seconds / _decayed_count(usual.count, self.decay):
-                return  # a one-off stall (first use of a code path, another process), not a cost
+        usual = self._usual_seconds(bucket, self.min_samples)
+        if usual is not None and seconds > self.outlier * usual:
+            return  # a one-off stall (first use of a code path, another process), not a cost
         self._elapsed += seconds
         if index != bucket.best and bucket.best_score > 0:
             self._explore_spent = max(0.0, self._explore_spent + seconds - tokens / bucket.best_score)

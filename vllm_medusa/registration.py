@@ -234,4 +234,3 @@ def register() -> None:
     EngineArgs.create_engine_config = create_engine_config
     EngineArgs.add_cli_args = staticmethod(add_cli_args_with_medusa)
     EngineArgs.from_cli_args = classmethod(from_cli_args_with_medusa)
-
