@@ -86,6 +86,34 @@ def test_engine_reports_acceptance_and_branches(medusa32):
     assert stats["lookup_accepted"] > 0, "the prompt-lookup branch should be accepted somewhere"
 
 
+def test_engine_acceptance_matches_offline_replay(medusa32, demo_model, demo_heads, tmp_path):
+    """The engine's mean acceptance length (its fixed wide tree plus the prompt-lookup branch) is
+    what the offline replay of the same tree over the engine's own answers predicts, within 5%:
+    the engine offers and accepts what the heads and the branch hold, no less."""
+    import json
+
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+
+    from vllm_medusa.data import mtbench_prompts
+    from vllm_medusa.train.evaluate import replay_answers
+    from vllm_medusa.trees import resolve_tree
+
+    prompts = mtbench_prompts(AutoTokenizer.from_pretrained(str(demo_model)), n=24)[16:]
+    before = medusa32.collective_rpc("medusa_stats")[0]
+    outs = medusa32.generate(prompts, SamplingParams(temperature=0, max_tokens=128), use_tqdm=False)
+    after = medusa32.collective_rpc("medusa_stats")[0]
+    steps = after["tree_steps"] - before["tree_steps"]
+    engine = 1 + (after["accepted_tokens"] - before["accepted_tokens"]) / steps
+    records = tmp_path / "answers.jsonl"
+    records.write_text("".join(json.dumps({"id": f"a{i}", "prompt_token_ids": list(o.prompt_token_ids),
+                                           "output_token_ids": list(o.outputs[0].token_ids)}) + "\n"
+                               for i, o in enumerate(outs)))
+    tree = resolve_tree(TREE, num_heads=5).paths
+    replay = replay_answers(demo_model, demo_heads, records, tmp_path, tree, lookup=8)
+    assert abs(engine - replay["tree_and_lookup"]) <= 0.05 * replay["tree_and_lookup"], (engine, replay)
+
+
 def test_sampling_matches_plain_distribution(medusa32, plain32, demo_model):
     """Per-position token distributions at temperature 0.8 / top-p 0.95, 400 samples per engine.
     Each position is a chi-square homogeneity test at alpha = 1e-3; with 6 positions the chance of

@@ -99,6 +99,36 @@ def evaluate_heads(model: str | os.PathLike, heads_dir: str | os.PathLike, featu
     return result
 
 
+def replay_answers(model: str | os.PathLike, heads_dir: str | os.PathLike, answers_file: str | os.PathLike,
+                   work_dir: str | os.PathLike, tree: Sequence[Sequence[int]], *, lookup: int = 0,
+                   lookup_min: int = 2, lookup_max: int = 4,
+                   dtype: torch.dtype = torch.float32) -> dict[str, float | None]:
+    """Mean acceptance per step that ``tree`` (and the prompt-lookup branch of ``lookup`` tokens,
+    offered whole) would give on recorded answers (``answers_file``: records of ``prompt_token_ids``
+    and ``output_token_ids``), replayed from the backbone's hidden states: what an engine decoding
+    the same prompts with that fixed tree must report as its mean acceptance length."""
+    feats = load_features(extract_features(model, answers_file, Path(work_dir) / "replay-features",
+                                           dtype=dtype, desc="replay features"))
+    vocab, hidden = feats.lm_head.shape
+    heads = load_medusa_heads(heads_dir, hidden_size=hidden, vocab_size=vocab, dtype=dtype)
+    ranks = head_ranks(heads, feats.hidden, feats.targets(heads.num_heads),
+                       feats.lm_head if heads.shared_lm_head else None, topk=TOPK, compute_dtype=dtype,
+                       token_embeds=(feats.token_embeds(torch.arange(len(feats.tokens)))
+                                     if heads.token_conditioned else None))
+    replay = None
+    if lookup:
+        prompts = {r["id"]: r["prompt_token_ids"] for r in read_records(answers_file)}
+        replay = LookupReplay([prompts[i] for i in feats.ids], feats.tokens.tolist(),
+                              min_n=lookup_min, max_n=lookup_max, k=lookup)
+    paths = [list(p) for p in tree]
+    return {
+        "tree": simulated_acceptance(ranks, paths, feats.lengths),
+        "tree_and_lookup": simulated_acceptance(ranks, paths, feats.lengths, replay) if replay else None,
+        "lookup_alone": simulated_acceptance(ranks, [], feats.lengths, replay) if replay else None,
+        "answers": len(feats.lengths), "answer_tokens": int(len(feats.tokens)),
+    }
+
+
 def format_result(result: dict[str, Any], show_topk: int = 5) -> str:
     """Human-readable accuracy and acceptance tables."""
     lines = [f"held-out positions: {result['positions']} ({result['answers']} answers)",
