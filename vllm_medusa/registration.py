@@ -13,76 +13,25 @@
   with the step's output, not by a second RPC).
 
 The hooks are checked against the installed vLLM when medusa_tree is first used, with an error
-naming what is missing.
+naming the vLLM version and what is missing (``compat.py``: where each vLLM name lives in each
+supported release).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 from typing import Any
 
+from vllm_medusa.compat import (CPU_HOOKS, REQUIRED_HOOKS, SUPPORTED_VLLM,  # noqa: F401 (re-exported)
+                                check_vllm_hooks, vllm_version)
 from vllm_medusa.config import (ADDITIONAL_CONFIG_KEY, METHOD, MedusaConfigError, MedusaOptions,
                                 parse_speculative_model)
 
 PROPOSER_CLASS = "vllm_medusa.proposer.MedusaTreeProposer"
 CPU_WORKER_CLASS = "vllm_medusa.runner.MedusaCPUWorker"
 GPU_WORKER_CLASS = "vllm_medusa.gpu_runner.MedusaGPUWorker"
-SUPPORTED_VLLM = ((0, 32), (0, 34))  # [min, max)
-
-#: The vLLM attributes the plugin relies on: (module, attribute path).
-REQUIRED_HOOKS = [
-    ("vllm.engine.arg_utils", "EngineArgs.create_engine_config"),
-    ("vllm.engine.arg_utils", "EngineArgs.add_cli_args"),
-    ("vllm.engine.arg_utils", "EngineArgs.from_cli_args"),
-    ("vllm.v1.spec_decode.custom_class_proposer", "create_custom_proposer"),
-    ("vllm.v1.attention.backends.registry", "register_backend"),
-    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._prepare_inputs"),
-    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._sample"),
-    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.propose_draft_token_ids"),
-    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._update_states"),
-    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.execute_model"),
-    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.sample_tokens"),
-    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.take_draft_token_ids"),
-    ("vllm.v1.executor.multiproc_executor", "MultiprocExecutor.sample_tokens"),
-    ("vllm.v1.executor.multiproc_executor", "MultiprocExecutor.take_draft_token_ids"),
-    ("vllm.v1.core.sched.scheduler", "Scheduler.schedule"),
-]
-CPU_HOOKS = [
-    ("vllm.v1.worker.cpu_worker", "CPUModelRunner"),
-    ("vllm.v1.worker.cpu_worker", "CPUWorker.init_device"),
-    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl.forward"),
-    ("vllm._custom_ops", "cpu_attn_reshape_and_cache"),
-]
-
 _REGISTERED = False
-
-
-def vllm_version() -> tuple[int, int]:
-    import vllm
-
-    parts = vllm.__version__.split(".")
-    return int(parts[0]), int(parts[1])
-
-
-def check_vllm_hooks(cpu: bool) -> None:
-    """Fail with a clear message if the installed vLLM lacks a hook the plugin needs."""
-    version = vllm_version()
-    if not SUPPORTED_VLLM[0] <= version < SUPPORTED_VLLM[1]:
-        raise RuntimeError(f"vllm-medusa supports vLLM {SUPPORTED_VLLM[0][0]}.{SUPPORTED_VLLM[0][1]} "
-                           f"to <{SUPPORTED_VLLM[1][0]}.{SUPPORTED_VLLM[1][1]}; found "
-                           f"{version[0]}.{version[1]}")
-    missing = []
-    for module, path in REQUIRED_HOOKS + (CPU_HOOKS if cpu else []):
-        try:
-            obj: Any = importlib.import_module(module)
-            for part in path.split("."):
-                obj = getattr(obj, part)
-        except (ImportError, AttributeError):
-            missing.append(f"{module}.{path}")
-    if missing:
-        raise RuntimeError("the installed vLLM lacks hooks vllm-medusa needs: " + ", ".join(missing))
 
 
 def _is_medusa_tree(method: Any) -> bool:
