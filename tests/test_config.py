@@ -89,3 +89,145 @@ def test_bad_heads_fail_before_the_engine_starts(demo_model, demo_heads, tmp_pat
         "method": "medusa_tree", "model": str(heads_dir), "tree": tree})
     with pytest.raises(error, match=msg):
         args.create_engine_config()
+
+
+# --------------------------------------------------------------------------- heads by hub id
+
+HASH = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def hub_cache(tmp_path, demo_heads, monkeypatch):
+    """An offline Hugging Face Hub cache holding a copy of the demo heads as repo org/heads
+    (branch main and tag v1 -> one snapshot)."""
+    import shutil
+
+    import huggingface_hub.constants as hub
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--org--heads"
+    snapshot = repo / "snapshots" / HASH
+    shutil.copytree(demo_heads, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HASH)
+    (repo / "refs" / "v1").write_text(HASH)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the environment once, at import
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    return snapshot
+
+
+def test_heads_by_repo_id_from_the_hub_cache(hub_cache):
+    from vllm_medusa.config import resolve_heads
+
+    assert resolve_heads("org/heads") == str(hub_cache)
+    assert resolve_heads(f"org/heads@{HASH}") == str(hub_cache)
+    assert resolve_heads("org/heads@v1") == str(hub_cache)
+
+
+def test_unresolvable_repo_id_is_named(hub_cache):
+    from vllm_medusa.config import resolve_heads
+
+    with pytest.raises(MedusaConfigError, match="'org/missing'.*could not be resolved"):
+        resolve_heads("org/missing")
+    with pytest.raises(MedusaConfigError, match="'org/heads' at revision 'v2'"):
+        resolve_heads("org/heads@v2")
+
+
+def test_existing_local_path_wins_over_the_hub(hub_cache, tmp_path, monkeypatch):
+    from vllm_medusa.config import resolve_heads
+
+    local = tmp_path / "work" / "org" / "heads"
+    local.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    assert resolve_heads("org/heads") == str(local)
+    for path in ("./org/nothing", "/no/such/heads", "~/no-such-heads", "a/b/c"):
+        with pytest.raises(MedusaConfigError, match="not found"):
+            resolve_heads(path)
+
+
+def test_hub_env_is_honoured_in_a_fresh_process(hub_cache):
+    """HF_HUB_CACHE / HF_HUB_OFFLINE from the environment alone (no monkeypatched constants)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from vllm_medusa.config import resolve_heads; print(resolve_heads('org/heads'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ), check=True).stdout
+    assert out.strip() == str(hub_cache)
+
+
+def test_engine_config_with_heads_by_repo_id(demo_model, hub_cache):
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(model=str(demo_model), speculative_config={
+        "method": "medusa_tree", "model": "org/heads", "tree": "chain-2"})
+    config = args.create_engine_config()
+    assert config.additional_config["medusa_tree"]["heads"] == str(hub_cache)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--speculative-model", "medusa:org/heads?tree=chain-2"],
+    ["--spec-model", "medusa:org/heads?tree=chain-2"],
+    ["--spec-method", "medusa_tree", "--spec-model", "org/heads", "--spec-tokens", "2"],
+])
+def test_cli_flags_with_heads_by_repo_id(demo_model, hub_cache, flags):
+    """Through vLLM's own parser: the plugin's flag and vLLM's --spec-* shorthands alike."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_medusa.compat import resolve
+    from vllm_medusa.registration import register
+
+    register()
+    parser = EngineArgs.add_cli_args(resolve("FlexibleArgumentParser")())
+    args = parser.parse_args(["--model", str(demo_model), *flags])
+    config = EngineArgs.from_cli_args(args).create_engine_config()
+    assert config.speculative_config.method == "custom_class"
+    assert config.speculative_config.num_speculative_tokens == 2
+    assert config.additional_config["medusa_tree"]["heads"] == str(hub_cache)
+
+
+# --------------------------------------------------------------------------- --spec-* shorthands
+
+
+def _spec_args(**kw):
+    base = dict(speculative_config=None, spec_method=None, spec_model=None, spec_tokens=None)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_spec_flags_fold_before_translation(tmp_path):
+    from vllm_medusa.registration import fold_spec_flags
+
+    args = _spec_args(spec_method="medusa_tree", spec_model=str(tmp_path), spec_tokens=3)
+    fold_spec_flags(args)
+    assert args.speculative_config == {"method": "medusa_tree", "model": str(tmp_path),
+                                       "num_speculative_tokens": 3}
+    assert args.spec_method is args.spec_model is args.spec_tokens is None  # vLLM won't fold again
+    args = _spec_args(spec_model=f"medusa:{tmp_path}?tree=small")
+    fold_spec_flags(args)
+    assert args.speculative_config == {"method": "medusa_tree", "model": str(tmp_path), "tree": "small"}
+    args = _spec_args(speculative_config={"method": "medusa_tree", "tree": "small"},
+                      spec_model=str(tmp_path))
+    fold_spec_flags(args)
+    assert args.speculative_config == {"method": "medusa_tree", "tree": "small", "model": str(tmp_path)}
+
+
+def test_spec_flags_for_other_methods_are_left_to_vllm():
+    from vllm_medusa.registration import fold_spec_flags
+
+    args = _spec_args(spec_method="ngram", spec_tokens=3)
+    fold_spec_flags(args)
+    assert args.speculative_config is None and args.spec_method == "ngram" and args.spec_tokens == 3
+
+
+def test_spec_flag_conflicts_are_named(tmp_path):
+    from vllm_medusa.registration import fold_spec_flags
+
+    with pytest.raises(MedusaConfigError, match=r"--spec-model and --speculative-config\['model'\]"):
+        fold_spec_flags(_spec_args(speculative_config={"method": "medusa_tree", "model": "x"},
+                                   spec_model=str(tmp_path)))
+    with pytest.raises(MedusaConfigError, match="--spec-method is 'ngram'"):
+        fold_spec_flags(_spec_args(spec_method="ngram", spec_model=f"medusa:{tmp_path}"))

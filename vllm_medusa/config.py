@@ -1,7 +1,9 @@
 """User-facing options of ``method="medusa_tree"``, parsed and checked without vLLM.
 
-Users write ``speculative_config={"method": "medusa_tree", "model": HEADS_DIR, ...}`` or
-``--speculative-model medusa:HEADS_DIR[?tree=NAME&acceptance=typical...]``. vLLM's own
+Users write ``speculative_config={"method": "medusa_tree", "model": HEADS, ...}`` or
+``--speculative-model medusa:HEADS[?tree=NAME&acceptance=typical...]``, where HEADS is a local folder
+or file, or a Hugging Face Hub repo id (``org/name`` or ``org/name@revision``) resolved by
+:func:`resolve_heads`. vLLM's own
 ``SpeculativeConfig`` forbids unknown keys, so the registration layer carries these options to the
 workers in ``additional_config["medusa_tree"]`` as the plain dict produced by :meth:`to_dict`.
 """
@@ -9,6 +11,7 @@ workers in ``additional_config["medusa_tree"]`` as the plain dict produced by :m
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 from urllib.parse import parse_qsl
@@ -76,6 +79,41 @@ class MedusaOptions:
                                     f"({self.lookup_max})")
         if not isinstance(self.adaptive, bool):
             raise MedusaConfigError(f"adaptive must be true or false, got {self.adaptive!r}")
+
+
+#: ``org/name`` or ``org/name@revision`` (the Hub's repo id characters; a revision may hold slashes).
+_REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
+#: The files a heads checkpoint may need (configs, tree.json, weights); READMEs, images etc. are skipped.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.pt", "*.bin"]
+
+
+def resolve_heads(heads: str) -> str:
+    """The local path of the Medusa heads named by ``heads``: a local folder or file (an existing
+    path always wins), else a Hugging Face Hub repo id, ``org/name[@revision]``, fetched (or found
+    in the cache) with ``huggingface_hub.snapshot_download``, which honours ``HF_HUB_OFFLINE``,
+    ``HF_HOME`` / ``HF_HUB_CACHE`` and the user's token. Fails with an error naming ``heads``."""
+    heads = str(heads or "")
+    if not heads:
+        raise MedusaConfigError("medusa_tree needs 'model': the folder (or file) of the Medusa heads, "
+                                "or a Hugging Face Hub repo id")
+    local = os.path.expanduser(heads)
+    if os.path.exists(local):
+        return os.path.abspath(local)
+    match = _REPO_ID.match(heads)
+    if match is None or heads.startswith((".", "~")) or os.path.isabs(heads):
+        raise MedusaConfigError(f"Medusa heads not found: {heads!r} does not exist (and is not a "
+                                f"Hugging Face Hub repo id 'org/name[@revision]')")
+    repo, revision = match.group("repo"), match.group("rev")
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(repo_id=repo, revision=revision, allow_patterns=HUB_PATTERNS)
+    except Exception as exc:  # offline without a cached copy, unknown repo, no access, ...
+        raise MedusaConfigError(
+            f"Medusa heads {heads!r}: no such local path, and the Hugging Face Hub repo {repo!r}"
+            f"{f' at revision {revision!r}' if revision else ''} could not be resolved "
+            f"({type(exc).__name__}: {exc})") from exc
+    return os.path.abspath(path)
 
 
 def _coerce(key: str, value: str) -> Any:

@@ -20,13 +20,12 @@ supported release).
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 from vllm_medusa.compat import (CPU_HOOKS, REQUIRED_HOOKS, SUPPORTED_VLLM,  # noqa: F401 (re-exported)
                                 check_vllm_hooks, vllm_version)
 from vllm_medusa.config import (ADDITIONAL_CONFIG_KEY, METHOD, MedusaConfigError, MedusaOptions,
-                                parse_speculative_model)
+                                parse_speculative_model, resolve_heads)
 
 PROPOSER_CLASS = "vllm_medusa.proposer.MedusaTreeProposer"
 CPU_WORKER_CLASS = "vllm_medusa.runner.MedusaCPUWorker"
@@ -40,8 +39,52 @@ def _is_medusa_tree(method: Any) -> bool:
     return method == METHOD or (method == "medusa" and vllm_version() >= (0, 33))
 
 
+#: vLLM's shorthand flags for ``--speculative-config`` keys (EngineArgs fields in 0.32 and 0.33).
+SPEC_FLAGS = (("--spec-method", "spec_method", "method"), ("--spec-model", "spec_model", "model"),
+              ("--spec-tokens", "spec_tokens", "num_speculative_tokens"))
+
+
+def fold_spec_flags(args: Any) -> None:
+    """Fold ``--spec-method / --spec-model / --spec-tokens`` into ``speculative_config`` now, when
+    they ask for medusa_tree, as vLLM would fold them later (inside ``create_engine_config``, after
+    the translation has run). ``--spec-model medusa:HEADS[?...]`` implies the method. Flags that ask
+    for another method are left to vLLM."""
+    given = {key: (flag, getattr(args, attr, None)) for flag, attr, key in SPEC_FLAGS
+             if getattr(args, attr, None) is not None}
+    if not given:
+        return
+    spec = args.speculative_config
+    if spec is not None and not isinstance(spec, dict):
+        return
+    folded: dict[str, Any] = {}
+    model = given.get("model", (None, None))[1]
+    if isinstance(model, str) and model.startswith("medusa:"):
+        folded = parse_speculative_model(model)
+        method = given.get("method", (None, None))[1]
+        if method is not None and not _is_medusa_tree(method):
+            raise MedusaConfigError(f"--spec-model {model!r} asks for medusa_tree, but --spec-method "
+                                    f"is {method!r}")
+    elif "model" in given:
+        folded["model"] = model
+    if "method" in given:
+        folded["method"] = given["method"][1]
+    if "num_speculative_tokens" in given:
+        folded["num_speculative_tokens"] = given["num_speculative_tokens"][1]
+    if not _is_medusa_tree(folded.get("method", (spec or {}).get("method"))):
+        return
+    for key in folded:
+        if key in (spec or {}):
+            flag = next((f for k, (f, _) in given.items() if k == key), "--spec-model")
+            raise MedusaConfigError(f"{flag} and --speculative-config['{key}'] are mutually exclusive")
+    args.speculative_config = {**(spec or {}), **folded}
+    for _, attr, _ in SPEC_FLAGS:
+        if hasattr(args, attr):
+            setattr(args, attr, None)
+
+
 def translate_engine_args(args: Any) -> None:
     """Rewrite a ``medusa_tree`` speculative config on ``EngineArgs`` in place."""
+    fold_spec_flags(args)
     spec = args.speculative_config
     if not isinstance(spec, dict) or not _is_medusa_tree(spec.get("method")):
         return
@@ -53,7 +96,7 @@ def translate_engine_args(args: Any) -> None:
 
     raw = dict(spec)
     raw["method"] = METHOD
-    raw["model"] = os.path.abspath(os.path.expanduser(str(raw.get("model") or "")))
+    raw["model"] = resolve_heads(str(raw.get("model") or ""))
     options = MedusaOptions.from_dict(raw)
     # Here only the tree's size matters: the heads are checked against the model after the config
     # is built (precheck_heads) and again when the workers load them.
@@ -125,10 +168,22 @@ def use_medusa_executor(vllm_config: Any) -> None:
         parallel.distributed_executor_backend = EXECUTOR_CLASS
 
 
+def _allow_spec_method(parser) -> None:
+    """vLLM's ``--spec-method`` takes a list of choices: add ``medusa_tree`` (and ``medusa``, which
+    0.33 no longer lists) so the shorthand can ask for the plugin."""
+    for action in getattr(parser, "_actions", []):
+        if "--spec-method" in action.option_strings and action.choices is not None:
+            extra = [m for m in (METHOD, "medusa") if m not in action.choices]
+            if extra:
+                action.choices = [*action.choices, *extra]
+
+
 def _add_cli_args(parser):
+    _allow_spec_method(parser)
     group = parser.add_argument_group("Medusa tree speculative decoding (vllm-medusa)")
-    group.add_argument("--speculative-model", default=None, metavar="medusa:HEADS_DIR",
-                       help="Medusa tree speculative decoding with the heads in HEADS_DIR. Options may "
+    group.add_argument("--speculative-model", default=None, metavar="medusa:HEADS",
+                       help="Medusa tree speculative decoding with the heads HEADS: a local folder or a "
+                            "Hugging Face Hub repo id (org/name[@revision]). Options may "
                             "follow as a query string: medusa:HEADS?tree=small&acceptance=typical")
     group.add_argument("--medusa-tree", default=None,
                        help="Tree for --speculative-model: a preset (mc_sim_7b_63, small, chain-N), a "
