@@ -92,3 +92,46 @@ def test_block_views_match_slot_gather(kind):
         slots = (block_ids[r, :, None] * bs + torch.arange(bs)).reshape(-1)
         gk, gv = layout.gather(kv, slots)
         assert torch.equal(k[r], gk.transpose(0, 1)) and torch.equal(v[r], gv.transpose(0, 1))
+
+
+def test_several_kv_cache_groups_are_refused():
+    from types import SimpleNamespace
+
+    from vllm_medusa.kv_cache import require_single_kv_cache_group
+
+    class FullAttentionSpec: ...
+
+    class SlidingWindowSpec: ...
+
+    one = SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=FullAttentionSpec(),
+                                                           layer_names=["l0", "l1"])])
+    require_single_kv_cache_group(one)
+    two = SimpleNamespace(kv_cache_groups=[*one.kv_cache_groups,
+                                           SimpleNamespace(kv_cache_spec=SlidingWindowSpec(),
+                                                           layer_names=["l2"])])
+    with pytest.raises(NotImplementedError, match=r"one KV-cache group; this model has 2: "
+                                                  r"FullAttentionSpec \(2 layer\(s\)\), SlidingWindowSpec"):
+        require_single_kv_cache_group(two)
+
+
+def test_runner_checks_kv_cache_groups_before_allocating():
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    from vllm_medusa.runner import MedusaTreeRunnerMixin
+
+    calls = []
+
+    class Base:
+        def initialize_kv_cache(self, kv_cache_config, is_profiling=False):
+            calls.append(is_profiling)
+
+    class Runner(MedusaTreeRunnerMixin, Base):
+        pass
+
+    group = SimpleNamespace(kv_cache_spec=None, layer_names=[])
+    Runner().initialize_kv_cache(SimpleNamespace(kv_cache_groups=[group]), is_profiling=True)
+    assert calls == [True]
+    with pytest.raises(NotImplementedError, match="has 2"):
+        Runner().initialize_kv_cache(kv_cache_config=SimpleNamespace(kv_cache_groups=[group, group]))
+    assert calls == [True]

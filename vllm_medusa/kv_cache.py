@@ -120,6 +120,25 @@ class CpuKVLayout:
         flat[db[:, None], :, idx_dst] = flat[sb[:, None], :, idx_src]
 
 
+def require_single_kv_cache_group(kv_cache_config) -> None:
+    """Refuse models whose KV cache vLLM splits into several groups (sliding-window + full
+    attention layers, hybrid Mamba models, ...). The tree rows' slots, the context blocks read by the
+    tree pass and the compaction moves all come from group 0's block table; the layers of another
+    group keep their K/V in other blocks, which compaction would then corrupt."""
+    groups = list(getattr(kv_cache_config, "kv_cache_groups", None) or [])
+    if len(groups) <= 1:
+        return
+    kinds = []
+    for g in groups:
+        spec = getattr(g, "kv_cache_spec", None)
+        names = list(getattr(g, "layer_names", []) or [])
+        kinds.append(f"{type(spec).__name__} ({len(names)} layer(s))")
+    raise NotImplementedError(
+        f"medusa_tree supports models with one KV-cache group; this model has {len(groups)}: "
+        f"{', '.join(kinds)}. Models mixing attention kinds (sliding window and full attention, "
+        f"hybrid Mamba/attention) are not supported yet.")
+
+
 def compaction_moves(slot_mapping: torch.Tensor, row_starts: Sequence[int],
                      accepted_rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Source and destination slots that move each request's accepted tree rows into place.

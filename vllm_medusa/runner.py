@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from vllm_medusa.attention import TreeAttentionBatch, paged_tree_attention
-from vllm_medusa.kv_cache import CpuKVLayout, compaction_moves
+from vllm_medusa.kv_cache import CpuKVLayout, compaction_moves, require_single_kv_cache_group
 from vllm_medusa.proposer import MedusaTreeProposer
 from vllm_medusa.trees import GRAFT_RANK, MedusaTree, chain, top1_chain
 from vllm_medusa.verification import TypicalAcceptance, pack_outputs, walk_trees
@@ -216,6 +216,11 @@ def install_cpu_attention() -> None:
 
 class MedusaTreeRunnerMixin:
     """Overrides for ``GPUModelRunner`` and its CPU subclass; see the module docstring."""
+
+    # -- start-up checks -----------------------------------------------------------------------
+    def initialize_kv_cache(self, *args, **kwargs):
+        require_single_kv_cache_group(args[0] if args else kwargs.get("kv_cache_config"))
+        return super().initialize_kv_cache(*args, **kwargs)
 
     def _medusa_init(self) -> None:
         if not isinstance(self.drafter, MedusaTreeProposer):
