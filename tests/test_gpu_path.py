@@ -84,3 +84,99 @@ def test_gpu_greedy_equals_plain(tmp_path):
     from tests.engine_checks import greedy_equality_check
 
     greedy_equality_check(device="cuda")
+
+
+# --------------------------------------------------------------------------- attention-backend guard
+
+
+class _Backend:
+    def __init__(self, name):
+        self.name = name
+
+    def get_name(self):
+        return self.name
+
+
+def _layer(impl_cls, backend="FLASHINFER", attn_type="decoder"):
+    from types import SimpleNamespace
+
+    impl = impl_cls()
+    impl.attn_type = attn_type
+    return SimpleNamespace(impl=impl, attn_backend=_Backend(backend), attn_type=attn_type)
+
+
+class FlashInferImpl:
+    pass
+
+
+class TreeAwareImpl:
+    medusa_tree_aware = True
+
+
+def test_unwrapped_backend_is_refused():
+    pytest.importorskip("vllm")
+    from vllm_medusa.gpu_runner import TREE_BACKENDS
+    from vllm_medusa.runner import AttentionBackendError, require_tree_attention
+
+    good = {"model.layers.0.self_attn.attn": _layer(TreeAwareImpl, "FLASH_ATTN"),
+            "vision.encoder.attn": _layer(FlashInferImpl, attn_type="encoder_only"),
+            "model.norm": object()}
+    require_tree_attention(good, TREE_BACKENDS)
+    bad = {**good, **{f"model.layers.{i}.self_attn.attn": _layer(FlashInferImpl) for i in (1, 2)}}
+    with pytest.raises(AttentionBackendError) as err:
+        require_tree_attention(bad, TREE_BACKENDS)
+    msg = str(err.value)
+    assert "FLASHINFER (FlashInferImpl) in 2 layer(s), e.g. 'model.layers.1.self_attn.attn'" in msg
+    assert "Supported backends: FLASH_ATTN, TRITON_ATTN" in msg and "--attention-backend" in msg
+
+
+def test_runner_checks_attention_after_the_model_loads():
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    from vllm_medusa.gpu_runner import TREE_BACKENDS
+    from vllm_medusa.runner import AttentionBackendError, MedusaTreeRunnerMixin
+
+    class Base:
+        def load_model(self, *, load_dummy_weights=False):
+            self.loaded = True
+
+    class Runner(MedusaTreeRunnerMixin, Base):
+        medusa_tree_backends = TREE_BACKENDS
+
+    runner = Runner()
+    runner.compilation_config = SimpleNamespace(static_forward_context={"attn": _layer(FlashInferImpl)})
+    with pytest.raises(AttentionBackendError, match="FLASHINFER"):
+        runner.load_model()
+    assert runner.loaded
+    runner.compilation_config.static_forward_context = {"attn": _layer(TreeAwareImpl, "TRITON_ATTN")}
+    runner.load_model()
+
+
+@pytest.fixture
+def restore_backend_overrides():
+    from vllm.v1.attention.backends import registry
+
+    saved = dict(registry._ATTN_OVERRIDES)
+    yield
+    registry._ATTN_OVERRIDES.clear()
+    registry._ATTN_OVERRIDES.update(saved)
+
+
+def test_install_gpu_attention_twice_wraps_once(restore_backend_overrides):
+    pytest.importorskip("vllm")
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from vllm_medusa.gpu_runner import TREE_BACKENDS, install_gpu_attention
+
+    install_gpu_attention()
+    first = {n: AttentionBackendEnum[n].get_path() for n in TREE_BACKENDS}
+    install_gpu_attention()
+    for name in TREE_BACKENDS:
+        assert AttentionBackendEnum[name].get_path() == first[name]
+        backend = resolve_obj_by_qualname(first[name])
+        assert backend.get_name() == name
+        impl = backend.get_impl_cls()
+        wrappers = [c for c in impl.__mro__ if "medusa_tree_aware" in vars(c)]
+        assert len(wrappers) == 1 and impl.medusa_tree_aware

@@ -6,8 +6,15 @@ the paged cache. Both of vLLM's GPU cache layouts are read through strided views
 ``[num_blocks, block_size, num_kv_heads, head_size]``: FlashAttention's ``[2, blocks, bs, H, D]``
 and Triton attention's ``[blocks, H, bs, 2 * D]``.
 
-CUDA graphs: the tree masks and positions change every step and are read by Python inside the
-attention op, so the engine runs eager (``enforce_eager=True`` is set by the registration).
+CUDA graphs: the tree masks and rows change every step and are read by Python inside the attention
+op. vLLM's piecewise CUDA graphs end at every attention op, which runs eagerly between the pieces,
+so engines run compiled with ``cudagraph_mode=PIECEWISE``; full CUDA graphs, which would replay
+attention without the tree pass, are refused (``registration.piecewise_cuda_graphs``).
+
+Attention backends: only the impls of ``TREE_BACKENDS`` are wrapped; after the model loads, every
+decoder attention layer is checked to run a wrapped impl (``runner.require_tree_attention``), so a
+backend chosen by the platform (FLASHINFER on Blackwell), by ``--attention-backend`` or cached
+before the wrapping is refused rather than verifying trees with causal attention.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_medusa.runner import TREE_ATTENTION, MedusaTreeRunnerMixin, MedusaWorkerMixin
+from vllm_medusa.runner import (TREE_ATTENTION, TREE_AWARE_ATTR, MedusaTreeRunnerMixin,
+                                MedusaWorkerMixin)
 from vllm_medusa.trees import MedusaTree
 
 #: vLLM GPU backends whose impl gets the tree pass (the platform picks one of them for Llama-like
@@ -87,18 +95,39 @@ def run_tree_pass(query: torch.Tensor, kv_cache: torch.Tensor, head_size: int, s
     output.view(output.shape[0], -1, head_size)[batch.row_index] = out.to(output.dtype)
 
 
+def _clear_backend_choice_cache() -> None:
+    """vLLM caches its attention-backend choice per process (``functools.cache``); a choice made
+    before the overrides were registered would keep the unwrapped class."""
+    try:
+        from vllm.v1.attention import selector
+    except ImportError:  # pragma: no cover - moved in another vLLM; the load-time guard still checks
+        return
+    for name in ("_cached_get_attn_backend",):
+        clear = getattr(getattr(selector, name, None), "cache_clear", None)
+        if clear is not None:
+            clear()
+
+
 def install_gpu_attention() -> None:
-    """Override vLLM's GPU backends with subclasses whose impl adds the tree pass."""
-    from vllm.v1.attention.backend import AttentionType
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-    from vllm.utils.import_utils import resolve_obj_by_qualname
+    """Override vLLM's GPU backends with subclasses whose impl adds the tree pass. Idempotent: a
+    backend whose registered class is already tree-aware is left as it is (never wrapped twice)."""
+    from vllm_medusa.compat import resolve
+
+    AttentionType = resolve("AttentionType")
+    AttentionBackendEnum = resolve("AttentionBackendEnum")
+    register_backend = resolve("register_backend")
+    resolve_obj_by_qualname = resolve("resolve_obj_by_qualname")
 
     for name in TREE_BACKENDS:
         enum = AttentionBackendEnum[name]
         base_backend = resolve_obj_by_qualname(enum.get_path())
         base_impl = base_backend.get_impl_cls()
+        if getattr(base_impl, TREE_AWARE_ATTR, False):
+            continue  # installed already
 
         class Impl(base_impl):  # type: ignore[misc,valid-type]
+            medusa_tree_aware = True
+
             def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *a, **kw):
                 result = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                          *a, **kw)
@@ -108,10 +137,12 @@ def install_gpu_attention() -> None:
                     run_tree_pass(query, kv_cache, self.head_size, self.scale, output, batch)
                 return result
 
+        Impl.__name__ = Impl.__qualname__ = f"Medusa{base_impl.__name__}"
         backend = type(f"Medusa{base_backend.__name__}", (base_backend,),
                        {"get_impl_cls": staticmethod(lambda impl=Impl: impl)})
         globals()[backend.__name__] = backend
         register_backend(enum, f"{__name__}.{backend.__name__}")
+    _clear_backend_choice_cache()
 
 
 def _make_gpu_worker_cls():
@@ -119,6 +150,8 @@ def _make_gpu_worker_cls():
     from vllm.v1.worker.gpu_worker import Worker
 
     class MedusaGPUModelRunner(MedusaTreeRunnerMixin, GPUModelRunner):
+        medusa_tree_backends = TREE_BACKENDS
+
         def __init__(self, vllm_config, device):
             super().__init__(vllm_config, device)
             self._medusa_init()

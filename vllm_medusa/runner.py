@@ -174,12 +174,62 @@ def cpu_kv_layout(isa: str, block_size: int, head_size: int, dtype: torch.dtype)
     return _LAYOUTS[key]
 
 
+#: Class attribute marking an attention impl that runs the tree pass (checked after model load).
+TREE_AWARE_ATTR = "medusa_tree_aware"
+
+
+class AttentionBackendError(RuntimeError):
+    """A decoder attention layer runs a backend the plugin does not make tree-aware."""
+
+
+def require_tree_attention(layers: dict[str, Any], supported: tuple[str, ...]) -> None:
+    """Refuse to run unless every decoder attention layer's impl runs the tree pass.
+
+    ``layers``: vLLM's ``static_forward_context`` (layer name -> layer). A layer with an ``impl``
+    that is not tree-aware (a backend the plugin does not wrap, e.g. FLASHINFER chosen by the
+    platform or by ``--attention-backend``, or a class vLLM picked before the overrides were
+    installed) would verify branching trees with causal attention: silently wrong output.
+    Encoder attention (never fed tree rows) is not checked.
+    """
+    from vllm_medusa.compat import resolve
+
+    attn_type = resolve("AttentionType")
+    skip = {getattr(attn_type, n) for n in ("ENCODER", "ENCODER_ONLY", "ENCODER_DECODER")
+            if hasattr(attn_type, n)}
+    bad: dict[str, list[str]] = {}
+    for name, layer in layers.items():
+        impl = getattr(layer, "impl", None)
+        if impl is None or getattr(impl, TREE_AWARE_ATTR, False):
+            continue
+        if getattr(layer, "attn_type", getattr(impl, "attn_type", None)) in skip:
+            continue
+        backend = getattr(layer, "attn_backend", None)
+        try:
+            label = f"{backend.get_name()} ({type(impl).__name__})"
+        except Exception:
+            label = type(impl).__name__
+        bad.setdefault(label, []).append(name)
+    if bad:
+        what = "; ".join(f"{label} in {len(names)} layer(s), e.g. {names[0]!r}"
+                         for label, names in bad.items())
+        raise AttentionBackendError(
+            f"medusa_tree needs tree-aware attention in every decoder layer, but the model runs "
+            f"attention backends it does not wrap: {what}. Branching trees would be verified with "
+            f"causal attention. Supported backends: {', '.join(supported)}; choose one with "
+            f"--attention-backend (LLM(..., attention_backend=...)).")
+
+
 def _cpu_attention_impl_cls():
-    from vllm.v1.attention.backend import AttentionType
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
+
+    from vllm_medusa.compat import resolve
+
+    AttentionType = resolve("AttentionType")
 
     class MedusaCPUAttentionImpl(CPUAttentionBackendImpl):
         """vLLM's CPU attention, then tree rows recomputed with their ancestor masks."""
+
+        medusa_tree_aware = True
 
         def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                     output_scale=None, output_block_scale=None):
@@ -217,7 +267,16 @@ def install_cpu_attention() -> None:
 class MedusaTreeRunnerMixin:
     """Overrides for ``GPUModelRunner`` and its CPU subclass; see the module docstring."""
 
+    #: The vLLM backends this runner's attention is tree-aware for (named in refusals).
+    medusa_tree_backends: tuple[str, ...] = ("CPU_ATTN",)
+
     # -- start-up checks -----------------------------------------------------------------------
+    def load_model(self, *args, **kwargs):
+        result = super().load_model(*args, **kwargs)
+        require_tree_attention(self.compilation_config.static_forward_context,
+                               self.medusa_tree_backends)
+        return result
+
     def initialize_kv_cache(self, *args, **kwargs):
         require_single_kv_cache_group(args[0] if args else kwargs.get("kv_cache_config"))
         return super().initialize_kv_cache(*args, **kwargs)
