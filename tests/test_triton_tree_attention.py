@@ -9,11 +9,9 @@ import random
 import pytest
 import torch
 
-from vllm_medusa.kernels.reference import (
-    flash_layout_copy_slots,
-    tree_attention_reference,
-    tree_mask_from_parents,
-)
+from vllm_medusa.kernels.cases import (CASES, NUM_RANDOM_SEEDS, TOL, case_batch, make_batch,
+                                       random_batch, random_parents, relative_error)
+from vllm_medusa.kernels.reference import flash_layout_copy_slots, tree_mask_from_parents
 
 try:
     import triton  # noqa: F401
@@ -22,101 +20,26 @@ except Exception as exc:  # pragma: no cover - depends on the environment
 
 from vllm_medusa.kernels.tree_attention_triton import tree_attention_paged  # noqa: E402
 
-TOL = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-4}
-
-
-def random_parents(n: int, rng: random.Random) -> list[int]:
-    """Random tree in topological order: one root (the sampled token) and random parents."""
-    return [-1] + [rng.randrange(i) for i in range(1, n)]
-
-
-def make_batch(ctx_lens, trees, *, num_heads, num_kv_heads, head_size, block_size, dtype, seed,
-               causal=None, pad_rows=0):
-    """Paged cache filled with NaN except the slots each request owns, plus the step's inputs.
-
-    ``trees[r]`` is a parent list (tree mode) or an int (number of causal rows).
-    """
-    rng = random.Random(seed)
-    gen = torch.Generator().manual_seed(seed)
-    num_qs = [len(t) if isinstance(t, list) else t for t in trees]
-    blocks_per_req = [-(-(c + n) // block_size) for c, n in zip(ctx_lens, num_qs)]
-    max_blocks = max(blocks_per_req) + 2
-    num_blocks = 1 + sum(blocks_per_req) + 3  # block 0 is a NaN-only decoy for padding entries
-    physical = list(range(1, num_blocks))
-    rng.shuffle(physical)  # scattered, non-monotonic block ids
-    kv = torch.full((2, num_blocks, block_size, num_kv_heads, head_size), float("nan"), dtype=dtype)
-    block_table = torch.zeros(len(trees), max_blocks, dtype=torch.int32)
-    masks = []
-    for r, (c, n, nb) in enumerate(zip(ctx_lens, num_qs, blocks_per_req)):
-        ids = [physical.pop() for _ in range(nb)]
-        block_table[r, :nb] = torch.tensor(ids, dtype=torch.int32)
-        for p in range(c + n):
-            b, o = ids[p // block_size], p % block_size
-            kv[:, b, o] = torch.randn(2, num_kv_heads, head_size, generator=gen).to(dtype)
-        if isinstance(trees[r], list):
-            masks.append(tree_mask_from_parents(trees[r]))
-        else:  # causal rows: the bitmask content must not matter
-            masks.append(torch.full((n,), -1, dtype=torch.int64))
-    total_q = sum(num_qs) + pad_rows
-    q = torch.randn(total_q, num_heads, head_size, generator=gen).to(dtype)
-    qsl = torch.tensor([0] + list(torch.tensor(num_qs).cumsum(0).tolist()), dtype=torch.int32)
-    tree_mask = torch.cat(masks + [torch.zeros(pad_rows, dtype=torch.int64)])
-    return dict(
-        q=q, key_cache=kv[0], value_cache=kv[1], block_table=block_table, query_start_loc=qsl,
-        ctx_lens=torch.tensor(ctx_lens, dtype=torch.int32), tree_mask=tree_mask,
-        scale=head_size ** -0.5,
-        causal=None if causal is None else torch.tensor(causal, dtype=torch.int32),
-    ), kv
-
 
 def check(inputs, dtype):
-    out = torch.full_like(inputs["q"], float("nan"))
-    res = tree_attention_paged(**inputs, out=out)
-    assert res is out
-    ref = tree_attention_reference(**inputs, out_dtype=torch.float64)
-    assert not torch.isnan(out).any(), "NaN in kernel output (unwritten element or NaN read)"
-    err = (out.double() - ref).abs().max().item()
-    rel = err / ref.abs().max().item()
-    assert rel < TOL[dtype], f"relative error {rel:.3e} (abs {err:.3e}) for {dtype}"
+    rel = relative_error(tree_attention_paged, inputs, dtype)
+    assert rel < TOL[dtype], f"relative error {rel:.3e} for {dtype} (inf: NaN in the kernel output)"
     return rel
 
 
-CASES = [
-    # ctx_lens, trees (parent lists, or int = causal rows), heads, kv heads, head size, block, dtype
-    pytest.param([0, 32, 45], [5, 13, 1], 8, 2, 64, 16, torch.bfloat16, id="bf16-d64-b16-gqa"),
-    pytest.param([31, 64, 7], [64, 9, 3], 8, 2, 128, 32, torch.float32, id="fp32-d128-b32-gqa-64nodes"),
-    pytest.param([17, 0], [26, 4], 4, 4, 128, 16, torch.bfloat16, id="bf16-d128-b16-mha"),
-    pytest.param([40, 16, 3], [11, 6, 2], 8, 2, 64, 32, torch.float32, id="fp32-d64-b32-gqa"),
-    pytest.param([20, 9], [7, 12], 4, 2, 64, 16, torch.float16, id="fp16-d64-b16"),
-]
-
-
-@pytest.mark.parametrize("ctx_lens,sizes,nh,nkv,hs,bs,dtype", CASES)
-def test_tree_attention_matches_reference(ctx_lens, sizes, nh, nkv, hs, bs, dtype):
-    rng = random.Random(hash((tuple(ctx_lens), tuple(sizes), hs, bs)) & 0xFFFF)
-    trees = [random_parents(n, rng) for n in sizes]
-    inputs, _ = make_batch(ctx_lens, trees, num_heads=nh, num_kv_heads=nkv, head_size=hs,
-                           block_size=bs, dtype=dtype, seed=len(CASES) + hs + bs)
-    rel = check(inputs, dtype)
+# The matrix lives in vllm_medusa/kernels/cases.py, shared with `python -m vllm_medusa.gpu_check`.
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_tree_attention_matches_reference(case):
+    rel = check(case_batch(case), case.dtype)
     print(f"max relative error {rel:.2e}")
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(NUM_RANDOM_SEEDS))
 def test_random_batches(seed):
     """Fuzz: ragged batches of random trees (and the odd causal request) with random contexts."""
-    rng = random.Random(1000 + seed)
-    nh, nkv = rng.choice([(8, 2), (4, 4), (4, 1), (6, 3)])
-    hs, bs = rng.choice([64, 128]), rng.choice([16, 32])
-    dtype = rng.choice([torch.bfloat16, torch.float32])
-    num_reqs = rng.randint(1, 4)
-    ctx = [rng.choice([0, bs, 2 * bs, rng.randrange(1, 3 * bs)]) for _ in range(num_reqs)]
-    trees = [rng.randint(1, 4) if rng.random() < 0.2 else random_parents(rng.randint(1, 24), rng)
-             for _ in range(num_reqs)]
-    inputs, _ = make_batch(ctx, trees, num_heads=nh, num_kv_heads=nkv, head_size=hs,
-                           block_size=bs, dtype=dtype, seed=seed,
-                           causal=[int(not isinstance(t, list)) for t in trees])
+    inputs, dtype, what = random_batch(seed)
     rel = check(inputs, dtype)
-    print(f"{dtype} heads {nh}/{nkv} d{hs} b{bs} ctx {ctx}: max relative error {rel:.2e}")
+    print(f"{what}: max relative error {rel:.2e}")
 
 
 def test_chain_mask_equals_causal_flag():
