@@ -231,3 +231,65 @@ def test_spec_flag_conflicts_are_named(tmp_path):
                                    spec_model=str(tmp_path)))
     with pytest.raises(MedusaConfigError, match="--spec-method is 'ngram'"):
         fold_spec_flags(_spec_args(spec_method="ngram", spec_model=f"medusa:{tmp_path}"))
+
+
+# --------------------------------------------------------------------------- CUDA graphs on GPU
+
+
+@pytest.fixture
+def on_gpu_platform(monkeypatch):
+    """The registration's view of a CUDA platform (nothing here touches a device)."""
+    from vllm.platforms import current_platform
+
+    monkeypatch.setattr(type(current_platform), "is_cpu", lambda self: False)
+
+
+def test_gpu_engines_are_compiled_with_piecewise_graphs(demo_model, demo_heads, on_gpu_platform):
+    from vllm.config import CUDAGraphMode
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_medusa.registration import GPU_WORKER_CLASS, translate_engine_args
+
+    args = EngineArgs(model=str(demo_model), speculative_config={
+        "method": "medusa_tree", "model": str(demo_heads), "tree": "chain-2"})
+    translate_engine_args(args)
+    assert not args.enforce_eager  # not forced eager any more
+    assert args.worker_cls == GPU_WORKER_CLASS
+    assert args.compilation_config.cudagraph_mode == CUDAGraphMode.PIECEWISE
+    eager = EngineArgs(model=str(demo_model), enforce_eager=True, speculative_config={
+        "method": "medusa_tree", "model": str(demo_heads), "tree": "chain-2"})
+    translate_engine_args(eager)
+    assert eager.enforce_eager and eager.compilation_config.cudagraph_mode is None
+
+
+@pytest.mark.parametrize("mode", ["FULL", "FULL_AND_PIECEWISE", "full_decode_only"])
+def test_full_cuda_graphs_are_refused(demo_model, demo_heads, on_gpu_platform, mode):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_medusa.registration import translate_engine_args
+
+    args = EngineArgs(model=str(demo_model), compilation_config={"cudagraph_mode": mode},
+                      speculative_config={"method": "medusa_tree", "model": str(demo_heads),
+                                          "tree": "chain-2"})
+    with pytest.raises(MedusaConfigError, match="full CUDA graph replays attention"):
+        translate_engine_args(args)
+
+
+def test_resolved_cuda_graph_settings_are_checked(on_gpu_platform):
+    from types import SimpleNamespace
+
+    from vllm.config import CUDAGraphMode
+
+    from vllm_medusa.registration import check_cuda_graphs
+
+    def config(mode, splits_attention=True):
+        cc = SimpleNamespace(cudagraph_mode=mode, splitting_ops_contain_attention=lambda: splits_attention)
+        return SimpleNamespace(additional_config={"medusa_tree": {}}, compilation_config=cc)
+
+    check_cuda_graphs(config(CUDAGraphMode.PIECEWISE))
+    check_cuda_graphs(config(CUDAGraphMode.NONE, splits_attention=False))
+    with pytest.raises(MedusaConfigError, match="splitting_ops"):
+        check_cuda_graphs(config(CUDAGraphMode.PIECEWISE, splits_attention=False))
+    with pytest.raises(MedusaConfigError, match="FULL_AND_PIECEWISE"):
+        check_cuda_graphs(config(CUDAGraphMode.FULL_AND_PIECEWISE))
+    check_cuda_graphs(SimpleNamespace(additional_config={}, compilation_config=None))  # not ours

@@ -114,11 +114,62 @@ def translate_engine_args(args: Any) -> None:
                                "num_speculative_tokens": min(tree.num_nodes + options.lookup,
                                                              MAX_TREE_ROWS - 1)}
     args.worker_cls = CPU_WORKER_CLASS if cpu else GPU_WORKER_CLASS
-    if not cpu:
-        # Tree masks and positions change every step and are read by Python inside the attention
-        # op, so CUDA graphs are off (see gpu_runner.py).
-        args.enforce_eager = True
+    if not cpu and not args.enforce_eager:
+        piecewise_cuda_graphs(args)
     args.additional_config = {**(args.additional_config or {}), ADDITIONAL_CONFIG_KEY: options.to_dict()}
+
+
+def _full_graph_modes(mode: Any) -> bool:
+    return mode is not None and mode.name != "NONE" and mode.has_full_cudagraphs()
+
+
+def piecewise_cuda_graphs(args: Any) -> None:
+    """GPU engines run compiled with piecewise CUDA graphs, not eager: vLLM's piecewise graphs end
+    at every attention op (its default ``splitting_ops``), and the attention op runs eagerly between
+    the graph pieces, so the tree pass inside it sees each step's masks and rows. Full CUDA graphs
+    would replay a decode step's attention as captured, without the tree pass, so they are refused
+    when asked for, and the default (FULL_AND_PIECEWISE) becomes PIECEWISE."""
+    from vllm_medusa.compat import resolve
+
+    mode_cls = resolve("CUDAGraphMode")
+    cc = args.compilation_config
+    mode = cc.get("cudagraph_mode") if isinstance(cc, dict) else getattr(cc, "cudagraph_mode", None)
+    if isinstance(mode, str):
+        mode = mode_cls[mode.upper()]
+    if _full_graph_modes(mode):
+        raise MedusaConfigError(
+            f"medusa_tree cannot run with cudagraph_mode {mode.name}: a full CUDA graph replays "
+            f"attention without the tree pass. Use cudagraph_mode PIECEWISE (the default for "
+            f"medusa_tree) or NONE, or --enforce-eager")
+    if mode is None:
+        if isinstance(cc, dict):
+            cc["cudagraph_mode"] = mode_cls.PIECEWISE
+        else:
+            cc.cudagraph_mode = mode_cls.PIECEWISE
+
+
+def check_cuda_graphs(vllm_config: Any) -> None:
+    """After vLLM resolved its compilation settings: no full CUDA graphs, and piecewise graphs
+    only when they end at the attention ops (else the attention op, and the tree pass with it,
+    would be captured)."""
+    if ADDITIONAL_CONFIG_KEY not in (vllm_config.additional_config or {}):
+        return
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():  # no CUDA graphs; the CPU attention op is never captured
+        return
+    cc = vllm_config.compilation_config
+    mode = getattr(cc, "cudagraph_mode", None)
+    if mode is None or mode.name == "NONE":
+        return
+    if _full_graph_modes(mode):
+        raise MedusaConfigError(f"medusa_tree cannot run with cudagraph_mode {mode.name}: a full "
+                                f"CUDA graph replays attention without the tree pass; use PIECEWISE")
+    contains = getattr(cc, "splitting_ops_contain_attention", None)
+    if mode.has_piecewise_cudagraphs() and contains is not None and not contains():
+        raise MedusaConfigError("medusa_tree needs the attention ops among the compilation's "
+                                "splitting_ops when piecewise CUDA graphs are on (they are by "
+                                "default); leave splitting_ops unset or use --enforce-eager")
 
 
 PRECHECK_MAX_BYTES = 512 * 2**20
@@ -218,6 +269,7 @@ def register() -> None:
         translate_engine_args(self)
         config = create(self, *a, **kw)
         precheck_heads(config)
+        check_cuda_graphs(config)
         use_medusa_scheduler(config)
         use_medusa_executor(config)
         return config
