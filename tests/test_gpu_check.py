@@ -23,9 +23,7 @@ sys.exit(rc)
 
 
 def test_gpu_check_runs_without_vllm():
-    env = dict(os.environ)
-    if "CUDA_VISIBLE_DEVICES" not in env and not __import__("torch").cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"
+    env = dict(os.environ)  # without CUDA the script switches to the interpreter by itself
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env,
                           timeout=600)
     out = done.stdout
