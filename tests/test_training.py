@@ -245,3 +245,40 @@ def test_training_md_keeps_hand_written_notes(tmp_path):
     (tmp_path / "new").mkdir()
     text = write_training_md(tmp_path / "new", {"model_name": "m", "notes": ["from run.json"]}).read_text()
     assert "- from run.json" in text
+
+
+def test_model_labels_are_the_backbones_greedy_tokens(tiny, tmp_path):
+    """``labels="model"``: row j holds the backbone's argmax there (teacher-forced along the
+    record's text), so head k at row j learns the model's token j+1+k, not the text's."""
+    recs = synthetic_records(4)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    feats = load_features(extract_features(tiny, data, tmp_path / "f", dtype=torch.float32, labels="model"))
+    _, model = load_backbone(tiny, torch.float32)
+    for i, rec in enumerate(recs):
+        ids = torch.tensor([rec["prompt_token_ids"] + rec["output_token_ids"]])
+        with torch.inference_mode():
+            greedy = model(input_ids=ids).logits[0].argmax(-1)
+        p, m = len(rec["prompt_token_ids"]), len(rec["output_token_ids"])
+        start = int(feats.record_starts[i])
+        assert feats.tokens[start:start + m].tolist() == greedy[p - 1:p - 1 + m].tolist()
+    assert feats.tokens.tolist() != [t for r in recs for t in r["output_token_ids"]]
+    with pytest.raises(ValueError, match="labels"):
+        extract_features(tiny, data, tmp_path / "g", labels="text")
+
+
+def test_sharegpt_text_records_answer_the_distill_prompts(tiny, tmp_path):
+    """ShareGPT's own answers to the prompts self-distillation would answer (same ids, same
+    prompt tokens), cut to max_tokens."""
+    from transformers import AutoTokenizer
+
+    from vllm_medusa.train.distill import read_records, sharegpt_prompts, sharegpt_text
+
+    out = sharegpt_text(tiny, tmp_path / "text.jsonl", num_samples=6, max_tokens=32)
+    recs = read_records(out)
+    assert len(recs) == 6
+    prompts = {p.id: p.token_ids for p in sharegpt_prompts(AutoTokenizer.from_pretrained(str(tiny)), 8, 512)}
+    for r in recs:
+        assert prompts[r["id"]] == r["prompt_token_ids"]
+        assert 0 < len(r["output_token_ids"]) <= 32
+    assert any(r["finish_reason"] == "length" for r in recs)

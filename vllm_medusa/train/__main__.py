@@ -2,6 +2,7 @@
 
     python -m vllm_medusa.train all --model demo --out vllm_medusa/heads/smollm2-135m-instruct
     python -m vllm_medusa.train distill --model /path/to/hf-model --num-samples 2000
+    python -m vllm_medusa.train all --model demo --source text --labels model --num-samples 12000 --max-tokens 512
     python -m vllm_medusa.train train --model /path/to/hf-model --out heads/ --heads 4 --epochs 2
 
 Intermediate data (answers, cached hidden states) goes to ``--work-dir`` (default
@@ -45,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--model", required=True, help="local HF checkpoint, or 'demo' / 'tiny'")
     common.add_argument("--work-dir", help="intermediate data (default <cache>/train/<model name>)")
     common.add_argument("--kv-cache-gb", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE if unset")
+    common.add_argument("--source", choices=("generate", "text"), default="generate",
+                        help="training answers: the model's own, generated (self-distillation), or "
+                             "ShareGPT's text (no generation; pair with --labels model)")
+    common.add_argument("--labels", choices=("answer", "model"), default="answer",
+                        help="what heads learn: the answers' tokens, or the model's own greedy token "
+                             "at each position of them (teacher-forced, from the same forward pass)")
     common.add_argument("--base-model-name", help="base_model_name_or_path written with the heads "
                                                   "(default: the model path; the hub id for 'demo')")
 
@@ -57,8 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-num-seqs", type=int, default=64, help="engine batch size")
 
     feat = argparse.ArgumentParser(add_help=False)
-    feat.add_argument_group("features").add_argument(
-        "--feature-limit", type=int, help="cache features of only the first N answers")
+    g = feat.add_argument_group("features")
+    g.add_argument("--feature-limit", type=int, help="cache features of only the first N answers")
+    g.add_argument("--compute-dtype", choices=("bfloat16", "float32"), default=None,
+                   help="the backbone's dtype for feature extraction (default: bfloat16, as stored); "
+                        "float32 is faster on CPUs without native bf16")
 
     outp = argparse.ArgumentParser(add_help=False)
     outp.add_argument("--out", help="heads directory (default <work-dir>/heads)")
@@ -112,8 +122,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     from .report import RunLog, write_training_md
 
     log = RunLog(work)
-    data_file = work / "distill.jsonl"
-    features_dir = work / "features"
+    data_file = work / ("distill.jsonl" if args.source == "generate" else "sharegpt-text.jsonl")
+    features_dir = work / ("features" if (args.source, args.labels) == ("generate", "answer")
+                           else f"features-{args.source}-{args.labels}")
     out = Path(getattr(args, "out", None) or work / "heads")
     cmd = args.command
     command = "python -m vllm_medusa.train " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -126,13 +137,18 @@ def run(argv: Sequence[str] | None = None) -> int:
     base_name = args.base_model_name or (DEMO_HUB_ID if args.model == "demo" else str(model))
 
     if cmd in ("all", "distill"):
-        from .distill import distill, read_records, summarize
+        from .distill import distill, read_records, sharegpt_text, summarize
 
         before = len(read_records(data_file))
         with log.stage("distill", command) as info:
-            distill(model, data_file, num_samples=args.num_samples, max_tokens=args.max_tokens,
-                    max_prompt_tokens=args.max_prompt_tokens, temperature=args.temperature,
-                    max_num_seqs=args.max_num_seqs, kv_cache_gb=args.kv_cache_gb, seed=getattr(args, "seed", 0))
+            if args.source == "text":
+                sharegpt_text(model, data_file, num_samples=args.num_samples, max_tokens=args.max_tokens,
+                              max_prompt_tokens=args.max_prompt_tokens)
+            else:
+                distill(model, data_file, num_samples=args.num_samples, max_tokens=args.max_tokens,
+                        max_prompt_tokens=args.max_prompt_tokens, temperature=args.temperature,
+                        max_num_seqs=args.max_num_seqs, kv_cache_gb=args.kv_cache_gb,
+                        seed=getattr(args, "seed", 0))
             records = read_records(data_file)
             info["data"] = summarize(records)
             info["cached"] = len(records) == before
@@ -144,7 +160,10 @@ def run(argv: Sequence[str] | None = None) -> int:
 
         before = len(list(features_dir.glob("shard-*.pt")))
         with log.stage("features", command) as info:
-            extract_features(model, data_file, features_dir, limit=args.feature_limit)
+            import torch
+
+            extract_features(model, data_file, features_dir, limit=args.feature_limit, labels=args.labels,
+                             compute_dtype=getattr(torch, args.compute_dtype) if args.compute_dtype else None)
             info["cached"] = len(list(features_dir.glob("shard-*.pt"))) == before
             info["resumed"] = before > 0
         print(f"features: {features_dir} in {info['seconds']} s")

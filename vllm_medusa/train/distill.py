@@ -1,15 +1,18 @@
-"""Self-distillation data: the base model's own answers to ShareGPT (or MT-Bench) prompts.
+"""Training records: the base model's own answers to ShareGPT (or MT-Bench) prompts, or ShareGPT's text.
 
 Medusa heads must predict what *this* model will say next, so they are trained on its own outputs
 (Medusa paper, section 3.3) rather than on the human answers of the data set. Answers are written
 to a jsonl file, one record per prompt, appended chunk by chunk so an interrupted run resumes where
-it stopped:
+it stopped. ``sharegpt_text`` writes the same prompts with the data set's own answers instead (no
+generation): with ``features --labels model`` the labels are still the model's own tokens, taken
+teacher-forced along that text, which costs one forward pass instead of decoding:
 
     {"id": "sharegpt-17", "prompt_token_ids": [...], "output_token_ids": [...], "finish_reason": "stop"}
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -63,9 +66,15 @@ def sharegpt_prompts(tokenizer: Any, num_samples: int, max_prompt_tokens: int) -
     longer than ``max_prompt_tokens`` (long prompts cost prefill time and teach the heads little)."""
     from vllm_medusa.data import load_sharegpt
 
+    return list(itertools.islice(iter_sharegpt_prompts(tokenizer, load_sharegpt(), max_prompt_tokens),
+                                 num_samples))
+
+
+def iter_sharegpt_prompts(tokenizer: Any, conversations: Sequence[dict[str, Any]],
+                          max_prompt_tokens: int) -> Iterator[Prompt]:
+    """``sharegpt_prompts`` one at a time; ``Prompt.id`` is ``sharegpt-<index in conversations>``."""
     seen: set[str] = set()
-    out: list[Prompt] = []
-    for i, conv in enumerate(load_sharegpt()):
+    for i, conv in enumerate(conversations):
         turns = conv.get("conversations") or []
         if not turns or turns[0].get("from") != "human":
             continue
@@ -74,12 +83,8 @@ def sharegpt_prompts(tokenizer: Any, num_samples: int, max_prompt_tokens: int) -
             continue
         seen.add(text)
         ids = _chat_ids(tokenizer, text)
-        if len(ids) > max_prompt_tokens:
-            continue
-        out.append(Prompt(f"sharegpt-{i}", ids))
-        if len(out) >= num_samples:
-            break
-    return out
+        if len(ids) <= max_prompt_tokens:
+            yield Prompt(f"sharegpt-{i}", ids)
 
 
 def mtbench_prompts(tokenizer: Any, turns: Sequence[int] = (0, 1)) -> list[Prompt]:
@@ -151,6 +156,39 @@ def distill(model: str | os.PathLike, out_file: str | os.PathLike, *, num_sample
                     kv_cache_gb=kv_cache_gb, seed=seed)
     return generate_answers(llm, prompts, out_file, max_tokens=max_tokens, temperature=temperature,
                             chunk_size=chunk_size, seed=seed)
+
+
+def sharegpt_text(model: str | os.PathLike, out_file: str | os.PathLike, *, num_samples: int = 2000,
+                  max_tokens: int = 256, max_prompt_tokens: int = 512) -> Path:
+    """Records of the first ``num_samples`` ShareGPT first turns (the prompts ``distill`` answers)
+    with the data set's own first answer, cut to ``max_tokens``; prompts without one are skipped."""
+    from transformers import AutoTokenizer
+
+    from vllm_medusa.data import load_sharegpt
+
+    out_file = Path(out_file)
+    if len(read_records(out_file)) >= num_samples:
+        return out_file
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    conversations = load_sharegpt()
+    records = []
+    for prompt in tqdm(iter_sharegpt_prompts(tokenizer, conversations, max_prompt_tokens), total=num_samples,
+                       desc="sharegpt text", unit="prompt", mininterval=0.5 if sys.stderr.isatty() else 30):
+        turns = conversations[int(prompt.id.removeprefix("sharegpt-"))]["conversations"]
+        answer = (turns[1].get("value") or "").strip() if len(turns) > 1 and turns[1].get("from") == "gpt" else ""
+        if not answer:
+            continue
+        ids = tokenizer(answer + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        records.append({"id": prompt.id, "prompt_token_ids": prompt.token_ids,
+                        "output_token_ids": ids[:max_tokens],
+                        "finish_reason": "length" if len(ids) > max_tokens else "stop"})
+        if len(records) >= num_samples:
+            break
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, out_file)
+    return out_file
 
 
 def summarize(records: Iterable[dict[str, Any]]) -> dict[str, float]:

@@ -81,15 +81,40 @@ def hidden_states_for(decoder: Any, records: Sequence[dict[str, Any]],
     return out  # type: ignore[return-value]
 
 
+LABELS = ("answer", "model")
+
+
+@torch.inference_mode()
+def model_labels(hidden: torch.Tensor, lm_head: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """The backbone's own greedy token at each row (``argmax`` of its logits), in chunks."""
+    out = torch.empty(hidden.shape[0], dtype=torch.int32)
+    w = lm_head.to(hidden.dtype)
+    for start in range(0, hidden.shape[0], chunk):
+        out[start:start + chunk] = (hidden[start:start + chunk] @ w.T).argmax(-1).to(torch.int32)
+    return out
+
+
 def extract_features(model_path: str | os.PathLike, data_file: str | os.PathLike,
                      out_dir: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,
+                     compute_dtype: torch.dtype | None = None, labels: str = "answer",
                      shard_size: int = 128, max_batch_tokens: int = 8192, limit: int | None = None,
                      desc: str = "features") -> Path:
     """Run the backbone over every (prompt, answer) record and cache the answer hidden states.
 
+    ``labels``: what the heads learn to predict. ``"answer"``: the record's tokens (self-distilled
+    answers, or a data set's text as is). ``"model"``: teacher-forced self-distillation, the
+    backbone's own greedy token at each position of the record's text (one forward pass, no
+    generation: the labels of self-distillation at the cost of feature extraction alone). Row j
+    then holds the token the model would produce there, which is also what token-conditioned heads
+    see. ``compute_dtype`` (default ``dtype``): the backbone's dtype for the forward pass, e.g.
+    float32 on CPUs without native bf16, while shards are stored in ``dtype``.
+
     Resumable: shards already on disk for the same data file, model and records are kept;
     ``limit`` takes only the first records (a prefix, so its shards are shared with longer runs).
     """
+    if labels not in LABELS:
+        raise ValueError(f"labels must be one of {LABELS}, got {labels!r}")
+    compute_dtype = compute_dtype or dtype
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = [r for r in read_records(data_file) if r["output_token_ids"]][:limit]
@@ -97,7 +122,8 @@ def extract_features(model_path: str | os.PathLike, data_file: str | os.PathLike
     # reuses every shard whose records match.
     meta_file = out / "meta.json"
     meta = {"model": str(model_path), "data_file": str(data_file), "shard_size": shard_size,
-            "dtype": str(dtype).removeprefix("torch.")}
+            "dtype": str(dtype).removeprefix("torch."), "labels": labels,
+            "compute_dtype": str(compute_dtype).removeprefix("torch.")}
     if meta_file.is_file() and {k: json.loads(meta_file.read_text()).get(k) for k in meta} != meta:
         for f in out.glob("shard-*.pt"):
             f.unlink()
@@ -108,12 +134,12 @@ def extract_features(model_path: str | os.PathLike, data_file: str | os.PathLike
         want = [r["id"] for r in records[s * shard_size:(s + 1) * shard_size]]
         if shard_file.is_file() and torch.load(shard_file, weights_only=True)["ids"] != want:
             shard_file.unlink()
-    decoder, model = load_backbone(model_path, dtype)
+    decoder, model = load_backbone(model_path, compute_dtype)
     lm_head = model.get_output_embeddings().weight.detach()
     meta.update(hidden_size=int(lm_head.shape[1]), vocab_size=int(lm_head.shape[0]), num_shards=n_shards,
                 num_records=len(records))
-    torch.save(lm_head.clone(), out / "lm_head.pt")
-    torch.save(model.get_input_embeddings().weight.detach().clone(), out / "embed_tokens.pt")
+    torch.save(lm_head.to(dtype).clone(), out / "lm_head.pt")
+    torch.save(model.get_input_embeddings().weight.detach().to(dtype).clone(), out / "embed_tokens.pt")
     total = sum(_seq_len(r) for r in records)
     bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True,
                mininterval=0.5 if sys.stderr.isatty() else 30)
@@ -121,11 +147,12 @@ def extract_features(model_path: str | os.PathLike, data_file: str | os.PathLike
         chunk = records[s * shard_size:(s + 1) * shard_size]
         shard_file = out / f"shard-{s:05d}.pt"
         if not shard_file.is_file():
-            hidden = hidden_states_for(decoder, chunk, max_batch_tokens)
+            hidden = torch.cat(hidden_states_for(decoder, chunk, max_batch_tokens))
+            tokens = (model_labels(hidden, lm_head) if labels == "model" else
+                      torch.tensor([t for r in chunk for t in r["output_token_ids"]], dtype=torch.int32))
             shard = {"ids": [r["id"] for r in chunk],
                      "lengths": torch.tensor([len(r["output_token_ids"]) for r in chunk]),
-                     "hidden": torch.cat(hidden).to(dtype),
-                     "tokens": torch.tensor([t for r in chunk for t in r["output_token_ids"]], dtype=torch.int32)}
+                     "hidden": hidden.to(dtype), "tokens": tokens}
             tmp = shard_file.with_suffix(".tmp")
             torch.save(shard, tmp)
             os.replace(tmp, shard_file)
