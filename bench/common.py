@@ -162,12 +162,15 @@ def local_model_dir(model: str) -> str:
 
 def vllm_medusa_heads(model: str, heads: str) -> str:
     """The heads converted for upstream `method="medusa"`, cached under .cache/bench/ by content."""
+    import vllm_medusa.head_checkpoints
+    import vllm_medusa.head_export
     import vllm_medusa.heads as heads_module
     from vllm_medusa.demo import cache_root
 
     folder = Path(heads)
-    converter = Path(heads_module.__file__).stat()
-    stamp = [str(folder.resolve()), str(Path(model).resolve()), f"{converter.st_size}:{converter.st_mtime_ns}"]
+    # The conversion's code: the heads module, the checkpoint reader and the writer.
+    code = [Path(m.__file__).stat() for m in (heads_module, vllm_medusa.head_checkpoints, vllm_medusa.head_export)]
+    stamp = [str(folder.resolve()), str(Path(model).resolve())] + [f"{c.st_size}:{c.st_mtime_ns}" for c in code]
     stamp += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(folder.iterdir())]
     target = cache_root() / "bench" / ("vllm-medusa-" + hashlib.sha1("|".join(stamp).encode()).hexdigest()[:12])
     if (target / "config.json").is_file():
