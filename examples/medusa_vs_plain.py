@@ -13,6 +13,7 @@ Prints tokens/s per engine over all rounds, the speed-up, the acceptance and whe
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import time
 
@@ -21,13 +22,30 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 
 def quiet_logs(verbose: bool) -> None:
-    """vLLM logs at INFO in every process; a demo shows its table unless asked for more (-v)."""
+    """vLLM logs at INFO in every process; a demo shows its table unless asked for more (-v).
+
+    Environment variables reach vLLM's engine processes as well as this one.
+    """
     if not verbose:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-        os.environ.setdefault("TQDM_DISABLE", "1")  # vLLM's own weight-loading bars
+        os.environ.setdefault("TQDM_DISABLE", "1")  # vLLM's own progress bars
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")  # Python warnings in the engine processes
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # torch's C++ warnings (NUMA binding)
         import warnings
 
         warnings.filterwarnings("ignore")
+    early_vllm_log_level()
+
+
+def early_vllm_log_level() -> None:
+    """vLLM sets up its loggers only when an engine starts, so a warning logged while it is imported
+    (Triton without a CPU backend) would print at any level. Runs in every process: vLLM's engine
+    processes are spawned, and a spawned process imports this script first."""
+    if "VLLM_LOGGING_LEVEL" in os.environ:
+        logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
+
+
+early_vllm_log_level()
 
 
 def main() -> None:
@@ -62,6 +80,7 @@ def main() -> None:
         for name in names:
             bar.set_postfix_str(f"starting {name}")
             engines[name] = LLM(model=model, max_model_len=2048, enforce_eager=True, seed=0,
+                                use_tqdm_on_load=args.verbose,
                                 speculative_config=spec if name == "medusa_tree" else None)
             bar.update(1)
         tokens = {(n, b): 0 for n in names for b in args.batch_sizes}
@@ -101,7 +120,7 @@ def main() -> None:
     print(f"greedy outputs identical to plain decoding: {same}/{len(outputs['plain'])} "
           "(bf16: a near-tied logit may flip a token; float32 runs match exactly)")
     print("\nWhat this means: tokens/s of the whole run (fresh engines, first steps included), "
-          f"{args.rounds} rounds interleaved; the speed-up is medusa_tree over plain decoding on this "
+          f"{args.rounds} round(s) interleaved; the speed-up is medusa_tree over plain decoding on this "
           "machine. On a shared 2-core machine two runs can differ by 10% or more, so read 0.9-1.1x as 'about "
           "plain'. The adaptive policy saves what it measured (~/.cache/vllm-medusa), so later "
           "engines start from it.")

@@ -11,12 +11,40 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import time
 
 # Set before vLLM is imported: no model hub here, and the CPU backend needs an explicit KV size.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+
+
+def quiet_logs(verbose: bool) -> None:
+    """vLLM logs at INFO in every process; show only this script's lines unless asked for more (-v).
+
+    Environment variables reach vLLM's engine processes as well as this one.
+    """
+    if not verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        os.environ.setdefault("TQDM_DISABLE", "1")  # vLLM's own progress bars
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")  # Python warnings in the engine processes
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # torch's C++ warnings (NUMA binding)
+        import warnings
+
+        warnings.filterwarnings("ignore")
+    early_vllm_log_level()
+
+
+def early_vllm_log_level() -> None:
+    """vLLM sets up its loggers only when an engine starts, so a warning logged while it is imported
+    (Triton without a CPU backend) would print at any level. Runs in every process: vLLM's engine
+    processes are spawned, and a spawned process imports this script first."""
+    if "VLLM_LOGGING_LEVEL" in os.environ:
+        logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
+
+
+early_vllm_log_level()
 
 
 def parse_args() -> argparse.Namespace:
@@ -39,11 +67,13 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens")
     p.add_argument("--show", type=int, default=1, help="print this many outputs (default 1)")
+    p.add_argument("-v", "--verbose", action="store_true", help="show vLLM's logs")
     return p.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    quiet_logs(args.verbose)
     from vllm import LLM, SamplingParams
 
     from vllm_medusa.data import mtbench_prompts
@@ -60,6 +90,7 @@ def main() -> None:
         enforce_eager=args.enforce_eager,
         speculative_config=args.speculative_config,
         seed=0,
+        use_tqdm_on_load=args.verbose,
     )
     start_s = time.perf_counter() - t0
 

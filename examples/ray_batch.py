@@ -4,6 +4,7 @@
     python examples/ray_batch.py --address auto --replicas 4 --model M --heads H
     python examples/ray_batch.py --ray-executor           # each engine runs its worker through
                                                           # vLLM's Ray executor as well
+    python examples/ray_batch.py -v                       # with vLLM's logs
 
 Each replica is a Ray actor holding one `LLM` with `speculative_config={"method": "medusa_tree"}`;
 the plugin registers itself in every process Ray starts (vLLM's `vllm.general_plugins` entry point),
@@ -58,6 +59,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--ray-executor", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="show vLLM's logs")
     args = p.parse_args()
 
     import ray
@@ -65,7 +67,10 @@ def main() -> None:
     from vllm_medusa.data import mtbench_prompts
     from vllm_medusa.demo import demo_heads_path, demo_model_path
 
-    ray.init(address=args.address)
+    # vLLM logs at INFO in every engine process; the actors get the level through Ray's runtime_env.
+    env = {} if args.verbose else {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
+                                   "PYTHONWARNINGS": "ignore", "TORCH_CPP_LOG_LEVEL": "ERROR"}
+    ray.init(address=args.address, runtime_env={"env_vars": env} if env else None)
     model = args.model or str(demo_model_path())
     heads = args.heads or str(demo_heads_path())
     prompts = mtbench_prompts(model, n=args.num_prompts)
