@@ -122,3 +122,55 @@ def test_typical_acceptance_rule():
     assert chosen == [2]  # token 0 is the most probable qualifying candidate
     assert typ.accept(logits, torch.tensor([1.0]), [[4, 5]]) == [-1]
     assert typ.accept(logits, torch.tensor([0.0]), [[0]]) == [-1]  # greedy requests never use it
+
+
+def _two_branch_logits():
+    """TREE with node (1,) (row 2) holding 3 and node (1, 0) (row 6) holding 4; the greedy walk
+    goes root -> row 2 -> row 6 and emits 3, 4, 5."""
+    drafts = {p: 0 for p in TREE.paths}
+    drafts[(1,)] = 3
+    drafts[(1, 0)] = 4
+    logits = torch.full((TREE.num_rows, V), -10.0)
+    logits[0, 3] = 5
+    logits[2, 4] = 5
+    logits[6, 5] = 5
+    return logits, [drafts[p] for p in TREE.paths]
+
+
+@pytest.mark.parametrize("bad_row,cols,value,want_tokens,want_rows", [
+    (2, [1], float("nan"), [3], []),  # the first accepted node is broken: root only
+    (6, [1], float("inf"), [3, 4], [2]),  # a deeper one: up to its parent
+    (6, list(range(V)), float("-inf"), [3, 4], [2]),  # nothing left to draw from
+    (6, [0, 1, 2], float("-inf"), [3, 4, 5], [2, 6]),  # masked tokens (a grammar's): no fault
+])
+def test_non_finite_node_costs_only_its_request(bad_row, cols, value, want_tokens, want_rows):
+    """One request's tree rows carry NaN/inf logits: that request backs off to the last node with
+    usable logits (the token drawn there is its bonus); the other request in the batch is verified
+    as if alone, and nothing raises."""
+    good, drafts = _two_branch_logits()
+    bad = good.clone()
+    bad[bad_row, cols] = value
+    logits = torch.cat([bad, good])
+    starts = [0, TREE.num_rows]
+    seen: list[torch.Tensor] = []
+
+    def sample(rows, hist):
+        seen.append(logits[rows])
+        return logits[rows].argmax(-1).tolist()
+
+    res = walk_trees(starts, [TREE.children] * 2, [drafts] * 2, sample, logits=logits)
+    assert res.tokens == [want_tokens, [3, 4, 5]]
+    assert res.accepted_rows == [want_rows, [2, 6]]
+    assert res.last_rows == [want_rows[-1] if want_rows else 0, 6]
+    for rows in seen:  # the sampler never saw a broken row
+        assert torch.isfinite(rows[0].amax()), rows[0]
+
+
+def test_tree_beyond_its_drafts_is_verified_as_no_draft():
+    """A tree naming more rows than the request has drafts (the scheduler cut them) verifies that
+    request like plain decoding; the batch's other request is untouched."""
+    good, drafts = _two_branch_logits()
+    logits = torch.cat([good, good])
+    res = walk_trees([0, TREE.num_rows], [TREE.children] * 2, [drafts[:1], drafts],
+                     lambda rows, hist: logits[rows].argmax(-1).tolist(), logits=logits)
+    assert res.tokens == [[3], [3, 4, 5]] and res.accepted_rows == [[], [2, 6]]

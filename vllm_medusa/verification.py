@@ -9,6 +9,12 @@ the method lossless, and the chance to advance is the mass of the children's tok
 Typical acceptance (opt-in, lossy, Medusa paper): a child is accepted without sampling when its
 probability exceeds ``min(epsilon, alpha * exp(-entropy))``; the most probable such child wins.
 
+One request's bad data costs that request its speculation at most, never the batch: a tree that
+names rows beyond its drafts is verified as no draft, and a node whose logits are not finite (NaN or
+inf, e.g. from a broken tree row) is never stepped into: the token drawn at its parent, an exact
+sample, is emitted as the bonus instead; -inf entries alone are masked tokens, not a fault. (A root row's non-finite logits are plain decoding's own
+row; the sampler treats them as plain vLLM does.)
+
 All requests advance one tree level per sampler call, so the sampler runs ``depth + 1`` times per
 step on ``[batch, vocab]`` logits, whatever the tree sizes.
 """
@@ -72,6 +78,8 @@ def walk_trees(row_starts: Sequence[int], children: Sequence[Sequence[Sequence[i
     of row i. A request without drafts has ``children[b] == [[]]``: one sample, like plain decoding.
     """
     batch = len(row_starts)
+    children = [kids if _tree_fits(kids, len(drafts)) else [[]]
+                for kids, drafts in zip(children, draft_tokens)]
     cur = [0] * batch
     active = [True] * batch
     tokens: list[list[int]] = [[] for _ in range(batch)]
@@ -80,6 +88,11 @@ def walk_trees(row_starts: Sequence[int], children: Sequence[Sequence[Sequence[i
     starts = torch.as_tensor(list(row_starts), dtype=torch.int64)
     while any(active):
         rows = starts + torch.as_tensor(cur, dtype=torch.int64)
+        if logits is not None and levels:
+            _back_off_non_finite(logits, rows, cur, active, accepted)
+            if not any(active):
+                break
+            rows = starts + torch.as_tensor(cur, dtype=torch.int64)
         typical_pick = [-1] * batch
         if typical is not None and logits is not None and temperature is not None:
             cands = [[draft_tokens[b][c - 1] for c in children[b][cur[b]]] if active[b] else []
@@ -104,6 +117,30 @@ def walk_trees(row_starts: Sequence[int], children: Sequence[Sequence[Sequence[i
                 accepted[b].append(child)
                 cur[b] = child
     return TreeWalkResult(tokens, accepted, cur, levels)
+
+
+def _tree_fits(children: Sequence[Sequence[int]], num_drafts: int) -> bool:
+    """Every child row names a draft token (rows 1..num_drafts), and the root's list exists."""
+    return len(children) >= 1 and all(1 <= c <= num_drafts and c < len(children)
+                                      for kids in children for c in kids)
+
+
+def _back_off_non_finite(logits: torch.Tensor, rows: torch.Tensor, cur: list[int],
+                         active: list[bool], accepted: list[list[int]]) -> None:
+    """Active requests standing on a node (not the root) whose logits row is broken (a NaN, a +inf,
+    or nothing above -inf; single -inf entries are tokens masked on purpose, e.g. by a grammar's
+    bitmask) step back to its parent and stop: the token drawn there, already emitted, becomes the
+    bonus token."""
+    on_node = [b for b in range(len(cur)) if active[b] and cur[b] != 0]
+    if not on_node:
+        return
+    # amax propagates NaN, so one reduction finds all three cases.
+    finite = torch.isfinite(logits[rows[on_node].to(logits.device)].amax(dim=-1)).tolist()
+    for b, ok in zip(on_node, finite):
+        if not ok:
+            accepted[b].pop()
+            cur[b] = accepted[b][-1] if accepted[b] else 0
+            active[b] = False
 
 
 def pack_outputs(tokens: Sequence[Sequence[int]], width: int, device: torch.device | str = "cpu",
