@@ -183,3 +183,38 @@ def test_logprobs_follow_the_emitted_tokens(medusa32, plain32):
     for tok, g, w in zip(got.token_ids, got.logprobs, want.logprobs):
         assert tok in g and g[tok].rank == 1
         assert abs(g[tok].logprob - w[tok].logprob) < 1e-3
+
+
+def test_min_tokens_and_bad_words_equal_plain(medusa32, plain32, demo_model, prompts_and_params):
+    """Greedy with min_tokens (short answers, whose end of stream min_tokens holds back: the
+    boundary often falls inside a tree step, where the tokens the step already emitted count) and
+    with multi-token bad words (banned after their prefix, which the step may have emitted) is
+    plain greedy."""
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+
+    from vllm_medusa.data import chat_prompt
+
+    tok = AutoTokenizer.from_pretrained(str(demo_model))
+    questions = ["What is 2 + 2? Answer with the number only.", "Name one colour. One word.",
+                 "What is the capital of France? One word.", "Is ice cold? Answer yes or no."]
+    prompts, params = [], []
+    for q in questions:
+        for k in (2, 3, 4, 5, 6, 8):
+            prompts.append(chat_prompt(tok, q))
+            params.append(SamplingParams(temperature=0, max_tokens=40, min_tokens=k))
+    story = chat_prompt(tok, "Tell me a short story.")
+    for words in (["upon a time"], ["of the", "in the", "was a"], ["Once upon"]):
+        prompts.append(story)
+        params.append(SamplingParams(temperature=0, max_tokens=48, bad_words=words))
+    workload_prompts, _ = prompts_and_params
+    for p in workload_prompts[:4]:
+        prompts.append(p)
+        params.append(SamplingParams(temperature=0, max_tokens=48, bad_words=["of the", "in the", "is a"]))
+    before = medusa32.collective_rpc("medusa_stats")[0]
+    got = generate_tokens(medusa32, prompts, params)
+    after = medusa32.collective_rpc("medusa_stats")[0]
+    want = generate_tokens(plain32[0], prompts, params)
+    _assert_same(got, want)
+    assert all(len(g) >= p.min_tokens for g, p in zip(got, params))
+    assert after["accepted_tokens"] > before["accepted_tokens"]

@@ -431,10 +431,7 @@ class MedusaTreeRunnerMixin:
         levels: list[Any] = []
 
         def sample(rows: torch.Tensor, history: list[list[int]]) -> list[int]:
-            meta = sampling_metadata
-            if not meta.no_penalties and any(history):
-                meta = replace(meta, output_token_ids=[o + h for o, h in
-                                                       zip(meta.output_token_ids, history)])
+            meta = _level_metadata(sampling_metadata, history)
             self._medusa_seed_generators(history)
             out = self.sampler(logits=logits[rows.to(logits.device)], sampling_metadata=meta)
             levels.append(out.logprobs_tensors)
@@ -588,6 +585,60 @@ def position_seed(seed: int, position: int) -> int:
 def _uses_structured_output(state) -> bool:
     params = state.sampling_params
     return params is not None and getattr(params, "structured_outputs", None) is not None
+
+
+def _level_metadata(meta, history: list[list[int]]):
+    """The sampling metadata for a tree level where request b has emitted ``history[b]`` this step:
+    penalties and bad words see those tokens as output, and min_tokens counts them."""
+    if not any(history):
+        return meta
+    if not meta.no_penalties or meta.bad_words_token_ids:
+        meta = replace(meta, output_token_ids=[o + h for o, h in zip(meta.output_token_ids, history)])
+    procs = meta.logitsprocs
+    if any(getattr(p, "min_toks", None) for p in procs.non_argmax_invariant):
+        from vllm.v1.sample.logits_processor import LogitsProcessors
+
+        level = LogitsProcessors()
+        level.argmax_invariant = list(procs.argmax_invariant)
+        level.non_argmax_invariant = [_LevelMinTokens(p, history) if getattr(p, "min_toks", None)
+                                      else p for p in procs.non_argmax_invariant]
+        meta = replace(meta, logitsprocs=level)
+    return meta
+
+
+class _LevelMinTokens:
+    """vLLM's ``MinTokensLogitsProcessor`` at a tree level: it masks a request's stop tokens while
+    its committed output is shorter than min_tokens; here the tokens already emitted in this step
+    count too, as they will once committed (plain decoding would have committed them)."""
+
+    def __init__(self, proc, history: list[list[int]]):
+        self.proc, self.history = proc, history
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        rows: list[int] = []
+        toks: list[int] = []
+        restore_rows: list[int] = []
+        restore_toks: list[int] = []
+        for b, (min_toks, out, stop, structured) in self.proc.min_toks.items():
+            if len(out) + len(self.history[b]) < min_toks:
+                rows += [b] * len(stop)
+                toks += list(stop)
+                if structured:
+                    restore_rows += [b] * len(stop)
+                    restore_toks += list(stop)
+        if not rows:
+            return logits
+
+        def index(r: list[int], t: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            return (torch.tensor(r, dtype=torch.int64, device=logits.device),
+                    torch.tensor(t, dtype=torch.int64, device=logits.device))
+
+        if restore_rows:
+            self.proc._mask_stop_token_logits(logits, index(rows, toks),
+                                              index(restore_rows, restore_toks))
+        else:
+            logits.index_put_(index(rows, toks), self.proc.neg_inf_tensor)
+        return logits
 
 
 def _stack_level_logprobs(levels: list, width: int):
