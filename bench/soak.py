@@ -70,6 +70,8 @@ SETTINGS: list[dict[str, Any]] = [
     {"temperature": 0, "stop": ["\n\n"]},
     {"temperature": 0.9, "n": 2},
     {"temperature": 0.5, "stream": True},
+    {"temperature": 1.0, "min_p": 0.1},
+    {"temperature": 0, "logit_bias": {"13": -100, "30": 5}},
 ]
 
 

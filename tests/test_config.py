@@ -293,3 +293,25 @@ def test_resolved_cuda_graph_settings_are_checked(on_gpu_platform):
     with pytest.raises(MedusaConfigError, match="FULL_AND_PIECEWISE"):
         check_cuda_graphs(config(CUDAGraphMode.FULL_AND_PIECEWISE))
     check_cuda_graphs(SimpleNamespace(additional_config={}, compilation_config=None))  # not ours
+
+
+def test_min_p_and_logit_bias_are_taken_by_medusa_tree_only():
+    """vLLM's front end refuses min_p / logit_bias for speculative engines; the plugin lifts that
+    for medusa_tree engines (their runner applies both) and keeps it for every other method."""
+    from types import SimpleNamespace
+
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+
+    from vllm_medusa.registration import PROPOSER_CLASS, register
+
+    register()
+    medusa = SimpleNamespace(method="custom_class", model=PROPOSER_CLASS)
+    others = [SimpleNamespace(method="ngram", model="ngram"),
+              SimpleNamespace(method="custom_class", model="my.Proposer")]
+    for params in (SamplingParams(min_p=0.1), SamplingParams(logit_bias={13: -100.0})):
+        params._validate_spec_decode(medusa)
+        params._validate_spec_decode(None)
+        for spec in others:
+            with pytest.raises(VLLMValidationError, match="min_p and logit_bias"):
+                params._validate_spec_decode(spec)

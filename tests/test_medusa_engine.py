@@ -185,6 +185,65 @@ def test_logprobs_follow_the_emitted_tokens(medusa32, plain32):
         assert abs(g[tok].logprob - w[tok].logprob) < 1e-3
 
 
+def test_greedy_logit_bias_equals_plain(medusa32, plain32, prompts_and_params):
+    """Greedy with logit_bias (a ban on each request's usual first token and on its most frequent
+    one, a push for two of its later tokens; each request its own biases, some none) is plain
+    greedy with the same biases: bias changes the argmax, so it must reach every tree level."""
+    from collections import Counter
+
+    from vllm import SamplingParams
+
+    prompts, _ = prompts_and_params
+    _, unbiased = plain32
+    params = []
+    for i in range(8):
+        out = unbiased[i]
+        if i % 4 == 3:
+            params.append(SamplingParams(temperature=0, max_tokens=40))
+            continue
+        common = Counter(out).most_common(1)[0][0]
+        bias = {out[0]: -100.0, common: -100.0, out[6]: 4.0, out[12]: 3.0}
+        params.append(SamplingParams(temperature=0, max_tokens=40, logit_bias=bias))
+    before = medusa32.collective_rpc("medusa_stats")[0]
+    got = generate_tokens(medusa32, prompts[:8], params)
+    after = medusa32.collective_rpc("medusa_stats")[0]
+    want = generate_tokens(plain32[0], prompts[:8], params)
+    _assert_same(got, want)
+    for i, p in enumerate(params):
+        if p.logit_bias:
+            assert got[i][:40] != unbiased[i][:40] and unbiased[i][0] not in got[i], i
+    assert after["accepted_tokens"] > before["accepted_tokens"], "biased requests should accept drafts"
+
+
+@pytest.mark.parametrize("name,sampling", [
+    ("min_p", {"temperature": 1.0, "top_p": 1.0, "min_p": 0.15}),
+    ("logit_bias", {"temperature": 0.9, "top_p": 1.0, "logit_bias": {}}),
+])
+def test_logits_processors_match_plain_distribution(name, sampling, medusa32, plain32, demo_model):
+    """min_p and logit_bias under sampling: per-position token distributions of medusa_tree and
+    plain decoding, 300 samples each, a chi-square homogeneity test per position at alpha = 1e-3
+    (4 positions: a false alarm below 0.4%). The logit_bias case bans plain's most likely first
+    token and pushes its fourth most likely one."""
+    from transformers import AutoTokenizer
+
+    from vllm_medusa.data import chat_prompt
+
+    plain, _ = plain32
+    prompt = chat_prompt(AutoTokenizer.from_pretrained(str(demo_model)), "Tell me a short story.")
+    if name == "logit_bias":
+        first = plain.generate([prompt], __import__("vllm").SamplingParams(
+            temperature=0, max_tokens=1, logprobs=4), use_tqdm=False)[0].outputs[0].logprobs[0]
+        ranked = sorted(first, key=lambda t: first[t].rank)
+        sampling = {**sampling, "logit_bias": {ranked[0]: -100.0, ranked[3]: 2.0}}
+    before = medusa32.collective_rpc("medusa_stats")[0]
+    a = sampling_distributions(medusa32, prompt, n=300, length=4, seed0=0, **sampling)
+    after = medusa32.collective_rpc("medusa_stats")[0]
+    b = sampling_distributions(plain, prompt, n=300, length=4, seed0=10_000, **sampling)
+    pvalues = [same_distribution_pvalue(x, y) for x, y in zip(a, b)]
+    assert min(pvalues) > 1e-3, pvalues
+    assert after["accepted_tokens"] > before["accepted_tokens"], "sampling should accept drafts"
+
+
 def test_min_tokens_and_bad_words_equal_plain(medusa32, plain32, demo_model, prompts_and_params):
     """Greedy with min_tokens (short answers, whose end of stream min_tokens holds back: the
     boundary often falls inside a tree step, where the tokens the step already emitted count) and

@@ -55,6 +55,8 @@ LOCATIONS: dict[str, list[Location]] = {
     "MultiprocExecutor.take_draft_token_ids": [
         ("vllm.v1.executor.multiproc_executor", "MultiprocExecutor.take_draft_token_ids")],
     "Scheduler.schedule": [("vllm.v1.core.sched.scheduler", "Scheduler.schedule")],
+    "build_logitsprocs": [("vllm.v1.worker.gpu_model_runner", "build_logitsprocs")],
+    "BUILTIN_LOGITS_PROCESSORS": [("vllm.v1.sample.logits_processor", "BUILTIN_LOGITS_PROCESSORS")],
     # CPU path
     "CPUModelRunner": [("vllm.v1.worker.cpu_worker", "CPUModelRunner")],
     "CPUWorker.init_device": [("vllm.v1.worker.cpu_worker", "CPUWorker.init_device")],
@@ -72,6 +74,7 @@ REQUIRED_HOOKS = [
     "GPUModelRunner.take_draft_token_ids", "GPUModelRunner.load_model",
     "GPUModelRunner.initialize_kv_cache",
     "MultiprocExecutor.sample_tokens", "MultiprocExecutor.take_draft_token_ids", "Scheduler.schedule",
+    "build_logitsprocs", "BUILTIN_LOGITS_PROCESSORS",
 ]
 CPU_HOOKS = ["CPUModelRunner", "CPUWorker.init_device", "CPUAttentionBackendImpl.forward",
              "cpu_attn_reshape_and_cache"]

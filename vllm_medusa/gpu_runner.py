@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_medusa.runner import (TREE_ATTENTION, TREE_AWARE_ATTR, MedusaTreeRunnerMixin,
-                                MedusaWorkerMixin)
+                                MedusaWorkerMixin, builtin_logitsprocs)
 from vllm_medusa.trees import MedusaTree
 
 #: vLLM GPU backends whose impl gets the tree pass (the platform picks one of them for Llama-like
@@ -153,7 +153,8 @@ def _make_gpu_worker_cls():
         medusa_tree_backends = TREE_BACKENDS
 
         def __init__(self, vllm_config, device):
-            super().__init__(vllm_config, device)
+            with builtin_logitsprocs():
+                super().__init__(vllm_config, device)
             self._medusa_init()
 
         def _medusa_attention_batch(self, branching):

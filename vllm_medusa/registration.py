@@ -12,6 +12,11 @@
   steps that admit prefills); vLLM's multiprocess executor becomes ``executor.py``'s (drafts come
   with the step's output, not by a second RPC).
 
+One front-end check is relaxed for medusa_tree engines only: ``SamplingParams._validate_spec_decode``
+refuses ``min_p`` and ``logit_bias`` in any speculative engine, because vLLM builds no logits
+processors for them there; the Medusa runner builds them and applies them to every row it samples
+(``runner.builtin_logitsprocs``), so medusa_tree engines take them as a plain engine does.
+
 The hooks are checked against the installed vLLM when medusa_tree is first used, with an error
 naming the vLLM version and what is missing (``compat.py``: where each vLLM name lives in each
 supported release).
@@ -229,6 +234,26 @@ def _allow_spec_method(parser) -> None:
                 action.choices = [*action.choices, *extra]
 
 
+def is_medusa_tree_spec(speculative_config: Any) -> bool:
+    """Whether a built ``SpeculativeConfig`` is a medusa_tree one (as ``translate_engine_args``
+    writes it)."""
+    return (getattr(speculative_config, "method", None) == "custom_class"
+            and getattr(speculative_config, "model", None) == PROPOSER_CLASS)
+
+
+def _allow_logitsprocs_params(validate):
+    """``SamplingParams._validate_spec_decode`` without its min_p / logit_bias refusal for
+    medusa_tree engines (their runner applies both); other speculative methods keep it."""
+
+    @functools.wraps(validate)
+    def validate_spec_decode(self, speculative_config):
+        if is_medusa_tree_spec(speculative_config):
+            return None
+        return validate(self, speculative_config)
+
+    return validate_spec_decode
+
+
 def _add_cli_args(parser):
     _allow_spec_method(parser)
     group = parser.add_argument_group("Medusa tree speculative decoding (vllm-medusa)")
@@ -286,6 +311,12 @@ def register() -> None:
     def from_cli_args_with_medusa(cls, args):
         _fold_cli_args(args)
         return from_cli_args(cls, args)
+
+    from vllm.sampling_params import SamplingParams
+
+    if hasattr(SamplingParams, "_validate_spec_decode"):  # absent: nothing to relax
+        SamplingParams._validate_spec_decode = _allow_logitsprocs_params(
+            SamplingParams._validate_spec_decode)
 
     EngineArgs.create_engine_config = create_engine_config
     EngineArgs.add_cli_args = staticmethod(add_cli_args_with_medusa)

@@ -12,6 +12,10 @@ a plain-torch module:
 - ``propose_draft_token_ids``: the heads run on the hidden state of each request's last accepted
   node (``proposer.py``), and each request's tree is remembered for the next step.
 
+vLLM builds no ``min_p`` / ``logit_bias`` logits processors in a speculative engine (its rejection
+sampler cannot apply them); every token here is drawn by vLLM's sampler, one row per request, so
+``builtin_logitsprocs`` has the runner built with all of vLLM's built-in processors, as a plain engine.
+
 Two more keep a speculative engine that drafts nothing as cheap as plain decoding: ``_sample`` takes
 vLLM's plain sampler in steps without drafts, and ``sample_tokens`` attaches the next drafts to the
 step's output (``executor.py``).
@@ -659,12 +663,35 @@ def _stack_level_logprobs(levels: list, width: int):
                            stack("selected_token_ranks"))
 
 
+@contextlib.contextmanager
+def builtin_logitsprocs():
+    """While a runner is built: its input batch gets vLLM's built-in logits processors (min_tokens,
+    logit_bias, min_p), as a plain engine's, where vLLM would give a speculative engine min_tokens
+    alone. The tree walk samples every level with vLLM's sampler on one row per request in batch
+    order, which is the row order these processors keep their per-request state in."""
+    from vllm.v1.sample import logits_processor as lp
+    from vllm.v1.worker import gpu_model_runner
+
+    build = gpu_model_runner.build_logitsprocs
+
+    def build_with_builtins(vllm_config, device, is_pin_memory, is_pooling_model,
+                            custom_logitsprocs=()):
+        if is_pooling_model or custom_logitsprocs or not vllm_config.speculative_config:
+            return build(vllm_config, device, is_pin_memory, is_pooling_model, custom_logitsprocs)
+        return lp.LogitsProcessors(ctor(vllm_config, device, is_pin_memory)
+                                   for ctor in lp.BUILTIN_LOGITS_PROCESSORS)
+
+    with _swap(gpu_model_runner, "build_logitsprocs", build_with_builtins):
+        yield
+
+
 def _make_cpu_runner_cls():
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
     class MedusaCPUModelRunner(MedusaTreeRunnerMixin, CPUModelRunner):
         def __init__(self, vllm_config, device):
-            super().__init__(vllm_config, device)
+            with builtin_logitsprocs():
+                super().__init__(vllm_config, device)
             self._medusa_init()
 
         def initialize_kv_cache(self, *args, **kwargs):
