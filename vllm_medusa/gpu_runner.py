@@ -1,6 +1,6 @@
 """GPU wiring: the Medusa runner on ``GPUModelRunner`` and tree attention with the Triton kernel.
 
-Same flow as the CPU path (``runner.py``): vLLM's own attention backend runs for the whole batch,
+Same flow as the CPU path (``cpu_runner.py``): vLLM's own attention backend runs for the whole batch,
 then the rows of non-chain trees are recomputed by ``kernels/tree_attention_triton.py`` straight from
 the paged cache. Both of vLLM's GPU cache layouts are read through strided views
 ``[num_blocks, block_size, num_kv_heads, head_size]``: FlashAttention's ``[2, blocks, bs, H, D]``

@@ -33,7 +33,7 @@ from vllm_medusa.config import (ADDITIONAL_CONFIG_KEY, METHOD, MedusaConfigError
                                 parse_speculative_model, resolve_heads)
 
 PROPOSER_CLASS = "vllm_medusa.proposer.MedusaTreeProposer"
-CPU_WORKER_CLASS = "vllm_medusa.runner.MedusaCPUWorker"
+CPU_WORKER_CLASS = "vllm_medusa.cpu_runner.MedusaCPUWorker"
 GPU_WORKER_CLASS = "vllm_medusa.gpu_runner.MedusaGPUWorker"
 _REGISTERED = False
 

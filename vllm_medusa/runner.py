@@ -1,4 +1,4 @@
-"""The vLLM-facing runner glue: every hook into vLLM's model runner lives here, and stays thin.
+"""The runner glue shared by the CPU and GPU runners: every hook into vLLM's model runner lives here.
 
 The V1 runner already schedules any list of draft tokens per request and rolls back
 ``num_computed_tokens`` by the number rejected. A tree needs four changes on top, each delegating to
@@ -6,7 +6,8 @@ a plain-torch module:
 
 - ``_prepare_inputs``: tree rows get positions ``ctx + depth`` (rotary must see the depth), and
   the step's tree-attention batch is published for the attention layers (``attention.py``);
-- attention: ``MedusaCPUAttentionImpl`` recomputes the rows of non-chain trees;
+- attention: the tree-aware impl (``cpu_runner.py``, ``gpu_runner.py``) recomputes the rows of
+  non-chain trees;
 - ``_sample``: the tree walk replaces the chain rejection sampler (``verification.py``), then the
   accepted branch's K/V are moved into place (``kv_cache.py``);
 - ``propose_draft_token_ids``: the heads run on the hidden state of each request's last accepted
@@ -32,8 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from vllm_medusa.attention import TreeAttentionBatch, paged_tree_attention
-from vllm_medusa.kv_cache import CpuKVLayout, compaction_moves, require_single_kv_cache_group
+from vllm_medusa.attention import TreeAttentionBatch
+from vllm_medusa.kv_cache import compaction_moves, require_single_kv_cache_group
 from vllm_medusa.proposer import MedusaTreeProposer
 from vllm_medusa.trees import GRAFT_RANK, MedusaTree, chain, top1_chain
 from vllm_medusa.verification import TypicalAcceptance, pack_outputs, walk_trees
@@ -162,22 +163,6 @@ class StepClock:
         self.chosen = (batch, tree) if tree is not None else None
 
 
-_LAYOUTS: dict[tuple, CpuKVLayout] = {}
-
-
-def cpu_kv_layout(isa: str, block_size: int, head_size: int, dtype: torch.dtype) -> CpuKVLayout:
-    """The CPU cache packing for this ISA and shape, learned once through vLLM's own write op."""
-    key = (isa, block_size, head_size, dtype)
-    if key not in _LAYOUTS:
-        from vllm import _custom_ops as ops
-
-        def write(k, v, kc, vc, slots):
-            ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa)
-
-        _LAYOUTS[key] = CpuKVLayout.probe(write, block_size, head_size, dtype)
-    return _LAYOUTS[key]
-
-
 #: Class attribute marking an attention impl that runs the tree pass (checked after model load).
 TREE_AWARE_ATTR = "medusa_tree_aware"
 
@@ -221,51 +206,6 @@ def require_tree_attention(layers: dict[str, Any], supported: tuple[str, ...]) -
             f"attention backends it does not wrap: {what}. Branching trees would be verified with "
             f"causal attention. Supported backends: {', '.join(supported)}; choose one with "
             f"--attention-backend (LLM(..., attention_backend=...)).")
-
-
-def _cpu_attention_impl_cls():
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
-
-    from vllm_medusa.compat import resolve
-
-    AttentionType = resolve("AttentionType")
-
-    class MedusaCPUAttentionImpl(CPUAttentionBackendImpl):
-        """vLLM's CPU attention, then tree rows recomputed with their ancestor masks."""
-
-        medusa_tree_aware = True
-
-        def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
-                    output_scale=None, output_block_scale=None):
-            result = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
-                                     output_scale, output_block_scale)
-            batch = TREE_ATTENTION.batch
-            if batch is None or attn_metadata is None or self.attn_type != AttentionType.DECODER:
-                return result
-            nb, _, block_size, _ = kv_cache.shape
-            layout = cpu_kv_layout(layer.isa, block_size, self.head_size, kv_cache.dtype)
-            out = output.view(output.shape[0], self.num_heads, self.head_size)
-            t0 = time.perf_counter() if PROFILE else 0.0
-            paged_tree_attention(query, key, value, kv_cache, layout, batch, self.scale, out)
-            if PROFILE:
-                TREE_ATTENTION.seconds += time.perf_counter() - t0
-            return result
-
-    class MedusaCPUAttentionBackend(CPUAttentionBackend):
-        @staticmethod
-        def get_impl_cls():
-            return MedusaCPUAttentionImpl
-
-    return MedusaCPUAttentionBackend
-
-
-def install_cpu_attention() -> None:
-    """Point vLLM's ``CPU_ATTN`` entry at the tree-aware subclass (the platform always picks it)."""
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-
-    cls = _cpu_attention_impl_cls()
-    globals()["MedusaCPUAttentionBackend"] = cls
-    register_backend(AttentionBackendEnum.CPU_ATTN, f"{__name__}.MedusaCPUAttentionBackend")
 
 
 class MedusaTreeRunnerMixin:
@@ -685,55 +625,6 @@ def builtin_logitsprocs():
         yield
 
 
-def _make_cpu_runner_cls():
-    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-
-    class MedusaCPUModelRunner(MedusaTreeRunnerMixin, CPUModelRunner):
-        def __init__(self, vllm_config, device):
-            with builtin_logitsprocs():
-                super().__init__(vllm_config, device)
-            self._medusa_init()
-
-        def initialize_kv_cache(self, *args, **kwargs):
-            result = super().initialize_kv_cache(*args, **kwargs)
-            # Learn the cache packing now, not in the first tree step (the policy times steps).
-            for kv in self.kv_caches:
-                if kv is not None:
-                    self._medusa_layout(kv)
-                    break
-            return result
-
-        def _medusa_layout(self, kv: torch.Tensor) -> CpuKVLayout:
-            from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-
-            head_size = kv.shape[-1] // 2
-            isa = _get_attn_isa(kv.dtype, kv.shape[2], head_size, self.cache_config.cache_dtype)
-            return cpu_kv_layout(isa, kv.shape[2], head_size, kv.dtype)
-
-        def _medusa_copy_slots(self, kv: torch.Tensor, src: torch.Tensor, dst: torch.Tensor):
-            self._medusa_layout(kv).copy_slots(kv, src, dst)
-
-    return MedusaCPUModelRunner
-
-
-def _make_cpu_worker_cls():
-    from vllm.v1.worker import cpu_worker
-
-    class MedusaCPUWorker(MedusaWorkerMixin, cpu_worker.CPUWorker):
-        """CPU worker that builds the Medusa runner and installs tree-aware CPU attention."""
-
-        def __init__(self, *args, **kwargs):
-            install_cpu_attention()
-            super().__init__(*args, **kwargs)
-
-        def init_device(self):
-            runner_cls = _make_cpu_runner_cls()
-            with _swap(cpu_worker, "CPUModelRunner", runner_cls):
-                super().init_device()
-
-    return MedusaCPUWorker
-
-
 @contextlib.contextmanager
 def _swap(module, name: str, value):
     old = getattr(module, name)
@@ -743,12 +634,3 @@ def _swap(module, name: str, value):
     finally:
         setattr(module, name, old)
 
-
-def __getattr__(name: str):
-    # The classes subclass vLLM's and are built on first use, so importing this module (e.g. in
-    # the front-end process or in unit tests) does not import vLLM's worker stack.
-    if name == "MedusaCPUWorker":
-        cls = _make_cpu_worker_cls()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(name)
