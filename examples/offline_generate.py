@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import time
 
@@ -20,29 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 
 
-def quiet_logs(verbose: bool) -> None:
-    """vLLM logs at INFO in every process; show only this script's lines unless asked for more (-v).
-
-    Environment variables reach vLLM's engine processes as well as this one.
-    """
-    if not verbose:
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-        os.environ.setdefault("TQDM_DISABLE", "1")  # vLLM's own progress bars
-        os.environ.setdefault("PYTHONWARNINGS", "ignore")  # Python warnings in the engine processes
-        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # torch's C++ warnings (NUMA binding)
-        import warnings
-
-        warnings.filterwarnings("ignore")
-    early_vllm_log_level()
-
-
-def early_vllm_log_level() -> None:
-    """vLLM sets up its loggers only when an engine starts, so a warning logged while it is imported
-    (Triton without a CPU backend) would print at any level. Runs in every process: vLLM's engine
-    processes are spawned, and a spawned process imports this script first."""
-    if "VLLM_LOGGING_LEVEL" in os.environ:
-        logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
-
+from vllm_medusa.quiet import early_vllm_log_level, quiet_logs  # noqa: E402 (after the env)
 
 early_vllm_log_level()
 
