@@ -49,21 +49,13 @@ def evaluate_heads(model: str | os.PathLike, heads_dir: str | os.PathLike, featu
     """Accuracies, default tree and predicted acceptance of the heads on cached held-out features;
     with the answers' records (their prompts), also per step with the prompt-lookup branch."""
     feats = load_features(features_dir)
-    vocab, hidden = feats.lm_head.shape
-    heads = load_medusa_heads(heads_dir, hidden_size=hidden, vocab_size=vocab, dtype=torch.bfloat16)
+    heads, all_ranks = _heads_and_ranks(feats, heads_dir, torch.bfloat16)
     targets = feats.targets(heads.num_heads)
-    all_ranks = head_ranks(heads, feats.hidden, targets,
-                           feats.lm_head if heads.shared_lm_head else None, topk=TOPK,
-                           token_embeds=(feats.token_embeds(torch.arange(len(feats.tokens)))
-                                         if heads.token_conditioned else None))
     rows = (targets[:, 0] != IGNORE).nonzero().squeeze(1)
     ranks = all_ranks[rows]
     acc = rank_accuracies(ranks, TOPK)
 
-    lookup = None
-    if answers_file is not None:
-        prompts = {r["id"]: r["prompt_token_ids"] for r in read_records(answers_file)}
-        lookup = LookupReplay([prompts[i] for i in feats.ids], feats.tokens.tolist())
+    lookup = _lookup_replay(feats, answers_file) if answers_file is not None else None
 
     def stepped(t: Sequence[Sequence[int]], with_lookup: bool = False) -> float:
         return simulated_acceptance(all_ranks, t, feats.lengths, lookup if with_lookup else None)
@@ -99,6 +91,23 @@ def evaluate_heads(model: str | os.PathLike, heads_dir: str | os.PathLike, featu
     return result
 
 
+def _heads_and_ranks(feats: Any, heads_dir: str | os.PathLike, dtype: torch.dtype) -> tuple[Any, torch.Tensor]:
+    """The heads loaded for these features, and each head's rank of the true token at every row."""
+    vocab, hidden = feats.lm_head.shape
+    heads = load_medusa_heads(heads_dir, hidden_size=hidden, vocab_size=vocab, dtype=dtype)
+    ranks = head_ranks(heads, feats.hidden, feats.targets(heads.num_heads),
+                       feats.lm_head if heads.shared_lm_head else None, topk=TOPK, compute_dtype=dtype,
+                       token_embeds=(feats.token_embeds(torch.arange(len(feats.tokens)))
+                                     if heads.token_conditioned else None))
+    return heads, ranks
+
+
+def _lookup_replay(feats: Any, answers_file: str | os.PathLike, **kwargs: int) -> LookupReplay:
+    """The prompt-lookup branch over the answers of ``feats``, with their prompts from ``answers_file``."""
+    prompts = {r["id"]: r["prompt_token_ids"] for r in read_records(answers_file)}
+    return LookupReplay([prompts[i] for i in feats.ids], feats.tokens.tolist(), **kwargs)
+
+
 def replay_answers(model: str | os.PathLike, heads_dir: str | os.PathLike, answers_file: str | os.PathLike,
                    work_dir: str | os.PathLike, tree: Sequence[Sequence[int]], *, lookup: int = 0,
                    lookup_min: int = 2, lookup_max: int = 4,
@@ -109,17 +118,8 @@ def replay_answers(model: str | os.PathLike, heads_dir: str | os.PathLike, answe
     the same prompts with that fixed tree must report as its mean acceptance length."""
     feats = load_features(extract_features(model, answers_file, Path(work_dir) / "replay-features",
                                            dtype=dtype, desc="replay features"))
-    vocab, hidden = feats.lm_head.shape
-    heads = load_medusa_heads(heads_dir, hidden_size=hidden, vocab_size=vocab, dtype=dtype)
-    ranks = head_ranks(heads, feats.hidden, feats.targets(heads.num_heads),
-                       feats.lm_head if heads.shared_lm_head else None, topk=TOPK, compute_dtype=dtype,
-                       token_embeds=(feats.token_embeds(torch.arange(len(feats.tokens)))
-                                     if heads.token_conditioned else None))
-    replay = None
-    if lookup:
-        prompts = {r["id"]: r["prompt_token_ids"] for r in read_records(answers_file)}
-        replay = LookupReplay([prompts[i] for i in feats.ids], feats.tokens.tolist(),
-                              min_n=lookup_min, max_n=lookup_max, k=lookup)
+    _, ranks = _heads_and_ranks(feats, heads_dir, dtype)
+    replay = _lookup_replay(feats, answers_file, min_n=lookup_min, max_n=lookup_max, k=lookup) if lookup else None
     paths = [list(p) for p in tree]
     return {
         "tree": simulated_acceptance(ranks, paths, feats.lengths),
