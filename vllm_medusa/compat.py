@@ -56,6 +56,11 @@ LOCATIONS: dict[str, list[Location]] = {
         ("vllm.v1.executor.multiproc_executor", "MultiprocExecutor.take_draft_token_ids")],
     "Scheduler.schedule": [("vllm.v1.core.sched.scheduler", "Scheduler.schedule")],
     "build_logitsprocs": [("vllm.v1.worker.gpu_model_runner", "build_logitsprocs")],
+    # tensor parallelism: rank 0's drafting decisions reach every rank; the heads' projection gathered
+    "get_tp_group": [("vllm.distributed.parallel_state", "get_tp_group"), ("vllm.distributed", "get_tp_group")],
+    "tensor_model_parallel_all_gather": [
+        ("vllm.distributed.communication_op", "tensor_model_parallel_all_gather"),
+        ("vllm.distributed", "tensor_model_parallel_all_gather")],
     "BUILTIN_LOGITS_PROCESSORS": [("vllm.v1.sample.logits_processor", "BUILTIN_LOGITS_PROCESSORS")],
     # CPU path
     "CPUModelRunner": [("vllm.v1.worker.cpu_worker", "CPUModelRunner")],
@@ -74,7 +79,7 @@ REQUIRED_HOOKS = [
     "GPUModelRunner.take_draft_token_ids", "GPUModelRunner.load_model",
     "GPUModelRunner.initialize_kv_cache",
     "MultiprocExecutor.sample_tokens", "MultiprocExecutor.take_draft_token_ids", "Scheduler.schedule",
-    "build_logitsprocs", "BUILTIN_LOGITS_PROCESSORS",
+    "build_logitsprocs", "BUILTIN_LOGITS_PROCESSORS", "get_tp_group", "tensor_model_parallel_all_gather",
 ]
 CPU_HOOKS = ["CPUModelRunner", "CPUWorker.init_device", "CPUAttentionBackendImpl.forward",
              "cpu_attn_reshape_and_cache"]

@@ -91,15 +91,20 @@ class MedusaTreeProposer:
         device = next(target_model.parameters()).device
         self.heads = load_medusa_heads(self.options.heads, hidden_size=hidden, vocab_size=vocab,
                                        dtype=dtype, device=device).eval()
-        # vLLM may pad the vocab rows of its lm_head; padded rows must never be drafted.
-        self.lm_head_weight = (target_model.lm_head.weight[:vocab] if self.heads.shared_lm_head
-                               else None)
-        # Shared heads project with the model's own logits path (vLLM's packed GEMM on CPU), or,
-        # with a draft vocabulary (token_map), with the lm_head rows of that vocabulary only.
+        # Shared heads project with the model's own logits path (vLLM's packed GEMM on CPU; every
+        # tensor-parallel rank gets the whole vocab), or, with a draft vocabulary (token_map), with
+        # the lm_head rows of that vocabulary only. With tensor parallelism the lm_head is sliced
+        # by vocab: a local projection needs it gathered, and only then is it kept.
         self.compute_logits = getattr(target_model, "compute_logits", None)
-        self.draft_projection = (draft_vocab_projection(self.lm_head_weight, self.heads.token_map)
-                                 if self.heads.shared_lm_head and self.heads.token_map is not None
-                                 else None)
+        if self.heads.shared_lm_head:
+            tp = self.vllm_config.parallel_config.tensor_parallel_size
+            if self.heads.token_map is not None:
+                # vLLM may pad the vocab rows of its lm_head; padded rows must never be drafted.
+                weight = full_vocab_rows(target_model.lm_head.weight, tp)[:vocab]
+                self.draft_projection = draft_vocab_projection(weight, self.heads.token_map)
+                self.lm_head_weight = weight if tp == 1 else None
+            elif tp == 1 or self.compute_logits is None:
+                self.lm_head_weight = full_vocab_rows(target_model.lm_head.weight, tp)[:vocab]
         if self.heads.token_conditioned:
             self.embed_tokens = input_embedding(target_model)
         self.tree = resolve_medusa_tree(self.options, self.heads.num_heads)
@@ -262,6 +267,17 @@ def input_embedding(target_model: torch.nn.Module) -> Callable[[torch.Tensor], t
             return fn
     raise RuntimeError(f"token-conditioned Medusa heads need the base model's input embedding; "
                        f"{type(target_model).__name__} has no embed_input_ids")
+
+
+def full_vocab_rows(weight: torch.Tensor, tensor_parallel_size: int) -> torch.Tensor:
+    """The whole (padded) vocab projection on every rank: with tensor parallelism each rank holds
+    an equal slice of the padded vocab rows, in rank order. Only what a local projection needs is
+    gathered (the draft vocabulary's rows are taken from it afterwards)."""
+    if tensor_parallel_size == 1:
+        return weight
+    from vllm_medusa.compat import resolve
+
+    return resolve("tensor_model_parallel_all_gather")(weight.contiguous(), dim=0)
 
 
 def draft_vocab_projection(lm_head_weight: torch.Tensor, token_map: torch.Tensor

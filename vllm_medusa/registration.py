@@ -177,6 +177,19 @@ def check_cuda_graphs(vllm_config: Any) -> None:
                                 "default); leave splitting_ops unset or use --enforce-eager")
 
 
+def check_parallelism(vllm_config: Any) -> None:
+    """Tensor parallelism works (rank 0's drafting decisions reach every rank); pipeline stages do
+    not: the runner drafts from the last stage's hidden states in the same step, which a pipeline
+    splits across processes."""
+    if ADDITIONAL_CONFIG_KEY not in (vllm_config.additional_config or {}):
+        return
+    pp = vllm_config.parallel_config.pipeline_parallel_size
+    if pp > 1:
+        raise MedusaConfigError(f"medusa_tree does not support pipeline parallelism "
+                                f"(pipeline_parallel_size={pp}); use tensor_parallel_size across "
+                                f"the GPUs (and nodes, with the Ray executor) instead")
+
+
 PRECHECK_MAX_BYTES = 512 * 2**20
 
 
@@ -295,6 +308,7 @@ def register() -> None:
         config = create(self, *a, **kw)
         precheck_heads(config)
         check_cuda_graphs(config)
+        check_parallelism(config)
         use_medusa_scheduler(config)
         use_medusa_executor(config)
         return config

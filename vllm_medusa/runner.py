@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from vllm_medusa.attention import TreeAttentionBatch
+from vllm_medusa.compat import resolve
 from vllm_medusa.kv_cache import compaction_moves, require_single_kv_cache_group
 from vllm_medusa.proposer import MedusaTreeProposer
 from vllm_medusa.trees import GRAFT_RANK, MedusaTree, chain, top1_chain
@@ -236,6 +237,8 @@ class MedusaTreeRunnerMixin:
         self._medusa_last_rows: list[int] | None = None
         self.medusa_stats = MedusaStats()
         self._medusa_clock = StepClock()
+        self._medusa_tp = (resolve("get_tp_group")() if self.parallel_config.tensor_parallel_size > 1
+                           else None)
         opts = self.drafter.options
         self._medusa_typical = (TypicalAcceptance(opts.posterior_threshold, opts.posterior_alpha)
                                 if opts.acceptance == "typical" else None)
@@ -247,7 +250,7 @@ class MedusaTreeRunnerMixin:
         the adaptive policy's step-cost model, unless a saved or given profile made that moot.
         A few seconds, once per setup: the result is saved with the profile."""
         drafter = self.drafter
-        if not drafter.needs_calibration:
+        if not self._medusa_agree(drafter.needs_calibration):
             return
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         limit = self.scheduler_config.max_num_batched_tokens
@@ -462,7 +465,7 @@ class MedusaTreeRunnerMixin:
             self._medusa_clock.step_done(0, None, 0)
             return drafts
         t_draft = time.perf_counter()
-        step_tree = self.drafter.step_tree(len(active))
+        step_tree = self._medusa_agree(self.drafter.step_tree(len(active)))
         emitted = sum(len(sampled_token_ids[b]) for b in active)
         if step_tree.num_nodes == 0:  # no speculation next step: nothing to draft
             self._medusa_clock.step_done(len(active), step_tree, emitted, time.perf_counter() - t_draft)
@@ -478,6 +481,7 @@ class MedusaTreeRunnerMixin:
                                                          [sampled_token_ids[b][-1] for b in active],
                                                          contexts, [batch.req_ids[b] for b in active],
                                                          rooms)
+            proposed, trees = self._medusa_agree((proposed, trees))
         for b, d, tree in zip(active, proposed, trees):
             if _uses_structured_output(self.requests[batch.req_ids[b]]):
                 tree, d = top1_chain(tree, d)  # the grammar masks positions: a chain, not a tree
@@ -485,6 +489,14 @@ class MedusaTreeRunnerMixin:
             self._medusa_trees[batch.req_ids[b]] = tree
         self._medusa_clock.step_done(len(active), step_tree, emitted, time.perf_counter() - t_draft)
         return drafts
+
+    def _medusa_agree(self, value: Any) -> Any:
+        """Tensor-parallel rank 0's ``value`` on every rank. Each rank times its own steps, so the
+        adaptive policy's choices (start-up measurement, tree size, lookup growth) may differ
+        between ranks, yet all must run the same forward passes and verify the drafts the scheduler
+        got from rank 0 with the same trees. The heads' top-k is computed on every rank all the
+        same: it goes through the model's logits, a collective."""
+        return value if self._medusa_tp is None else self._medusa_tp.broadcast_object(value, src=0)
 
     def _medusa_room(self, req_id: str) -> int:
         """Drafts worth verifying: a step emits at most nodes + 1 tokens, so never more than the
