@@ -317,15 +317,18 @@ def test_min_p_and_logit_bias_are_taken_by_medusa_tree_only():
                 params._validate_spec_decode(spec)
 
 
-def test_pipeline_parallelism_is_refused(demo_model, demo_heads):
+def test_pipeline_parallelism_is_refused(tiny_model, tmp_path):
     """Pipeline stages split the step the runner drafts in: refused with a message that says what to
     use instead; tensor parallelism is accepted (tests/test_tensor_parallel.py runs it)."""
     from vllm.engine.arg_utils import EngineArgs
 
-    spec = {"method": "medusa_tree", "model": str(demo_heads)}
+    from vllm_medusa.heads import MedusaHeads, save_medusa_heads
+
+    heads = save_medusa_heads(MedusaHeads(2, 1, 128, 49152), tmp_path / "heads", str(tiny_model))
+    spec = {"method": "medusa_tree", "model": str(heads)}
     with pytest.raises(MedusaConfigError, match="pipeline_parallel_size=2.*tensor_parallel_size"):
-        EngineArgs(model=str(demo_model), max_model_len=512, pipeline_parallel_size=2,
+        EngineArgs(model=str(tiny_model), max_model_len=512, pipeline_parallel_size=2,
                    speculative_config=dict(spec)).create_engine_config()
-    config = EngineArgs(model=str(demo_model), max_model_len=512, tensor_parallel_size=2,
+    config = EngineArgs(model=str(tiny_model), max_model_len=512, tensor_parallel_size=2,
                         speculative_config=dict(spec)).create_engine_config()
     assert config.parallel_config.tensor_parallel_size == 2
