@@ -32,10 +32,17 @@ def speculative_config(heads: str, **options: Any) -> dict[str, Any]:
     return {"method": "medusa_tree", "model": str(heads), **options}
 
 
-def cpu_engine_resources(num_cpus: float = 1.0, tensor_parallel_size: int = 1) -> dict[str, Any]:
-    """One CPU bundle per engine worker instead of Ray's default GPU bundle."""
+def cpu_engine_resources(num_cpus: float = 1.0, tensor_parallel_size: int = 1,
+                         runtime_env: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One CPU bundle per engine worker instead of Ray's default GPU bundle, and no thread pinning:
+    vLLM's CPU workers pin their threads to the cores of one NUMA node, the same cores in every
+    engine, so replicas sharing a node would all run on one core; unpinned, each runs the
+    ``OMP_NUM_THREADS`` threads Ray gives it (its bundle's CPUs) wherever the OS has room."""
+    env = dict((runtime_env or {}).get("env_vars") or {})
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     return {"placement_group_config": {"bundles": [{"CPU": num_cpus}] * tensor_parallel_size,
-                                       "strategy": "PACK"}}
+                                       "strategy": "PACK"},
+            "runtime_env": {**(runtime_env or {}), "env_vars": env}}
 
 
 def processor_config(model: str, heads: str, *, engine_kwargs: Mapping[str, Any] | None = None,
@@ -53,8 +60,10 @@ def processor_config(model: str, heads: str, *, engine_kwargs: Mapping[str, Any]
         cpu = not cluster_has_gpus()
     if cpu:
         light = {"num_cpus": LIGHT_STAGE_CPUS}
+        resources = cpu_engine_resources(engine_cpus, kwargs.get("tensor_parallel_size", 1),
+                                         config.pop("runtime_env", None))
         config = {"chat_template_stage": light, "tokenize_stage": light, "detokenize_stage": light,
-                  **cpu_engine_resources(engine_cpus, kwargs.get("tensor_parallel_size", 1)), **config}
+                  **resources, **config}
     return vLLMEngineProcessorConfig(model_source=str(model), engine_kwargs=kwargs, **config)
 
 
@@ -86,7 +95,8 @@ def serve_config(model: str, heads: str, *, model_id: str | None = None,
     deployment = {"autoscaling_config": {"min_replicas": replicas, "max_replicas": replicas},
                   **(config.pop("deployment_config", None) or {})}
     if cpu:
-        config = {**cpu_engine_resources(engine_cpus, kwargs.get("tensor_parallel_size", 1)), **config}
+        config = {**cpu_engine_resources(engine_cpus, kwargs.get("tensor_parallel_size", 1),
+                                         config.pop("runtime_env", None)), **config}
         # The replica actor only relays requests to its engine processes, which have the bundle.
         deployment["ray_actor_options"] = {"num_cpus": LIGHT_STAGE_CPUS,
                                            **deployment.get("ray_actor_options", {})}
