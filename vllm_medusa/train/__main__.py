@@ -4,6 +4,8 @@
     python -m vllm_medusa.train distill --model /path/to/hf-model --num-samples 2000
     python -m vllm_medusa.train all --model demo --source text --labels model --num-samples 12000 --max-tokens 512
     python -m vllm_medusa.train train --model /path/to/hf-model --out heads/ --heads 4 --epochs 2
+    python -m vllm_medusa.train all --model demo --out m2/ --recipe medusa-2 --num-samples 300
+    python -m vllm_medusa.train compare --model demo --tuned m2/ --baseline-heads vllm_medusa/heads/smollm2-135m-instruct
 
 Intermediate data (answers, cached hidden states) goes to ``--work-dir`` (default
 ``<cache>/train/<model name>``), where every stage finds its predecessor's output and resumes.
@@ -12,6 +14,7 @@ Intermediate data (answers, cached hidden states) goes to ``--work-dir`` (defaul
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -97,14 +100,40 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-max-tokens", type=int, default=256, help="MT-Bench answer length")
     g.add_argument("--tree-budget", type=int, default=None, help="nodes of the default tree")
 
+    m2 = argparse.ArgumentParser(add_help=False)
+    g = m2.add_argument_group("medusa-2 (joint phase, after the Medusa-1 warm-up of the heads)")
+    g.add_argument("--recipe", choices=("medusa-1", "medusa-2"), default="medusa-1",
+                   help="medusa-1: heads on the frozen backbone; medusa-2: then heads and backbone "
+                        "(LoRA, merged at the end) together, --out receiving the model and its heads")
+    g.add_argument("--lora-rank", type=int, default=16)
+    g.add_argument("--lora-alpha", type=int, default=32)
+    g.add_argument("--lr-backbone", type=float, default=1e-4, help="LoRA learning rate")
+    g.add_argument("--lr-heads", type=float, default=1e-3, help="heads' learning rate in the joint phase")
+    g.add_argument("--heads-weight", type=float, default=0.2, help="lambda: heads loss weight beside the KL")
+    g.add_argument("--joint-epochs", type=float, default=1.0)
+    g.add_argument("--joint-batch-tokens", type=int, default=2048, help="prompt + answer tokens per step")
+    g.add_argument("--joint-limit", type=int, help="train the joint phase on the first N answers only")
+    g.add_argument("--joint-max-steps", type=int, help="stop the joint phase early")
+    g.add_argument("--checkpoint-every", type=int, default=50, help="joint-phase steps between checkpoints")
+    g.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype of the merged model (bf16 rounding can undo small LoRA updates)")
+
     p = argparse.ArgumentParser(prog="python -m vllm_medusa.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("all", parents=[common, distill, feat, outp, train, ev], help="every stage, then TRAINING.md")
+    sub.add_parser("all", parents=[common, distill, feat, outp, train, ev, m2],
+                   help="every stage, then TRAINING.md (medusa-1) or medusa2.json (medusa-2)")
     sub.add_parser("distill", parents=[common, distill], help="self-distilled ShareGPT answers")
     sub.add_parser("features", parents=[common, feat], help="cache backbone hidden states")
     sub.add_parser("train", parents=[common, outp, train], help="train heads on cached features")
     sub.add_parser("evaluate", parents=[common, outp, ev], help="MT-Bench accuracies and tree")
+    cmp = sub.add_parser("compare", parents=[common],
+                         help="a Medusa-2 model against its original on MT-Bench: KL, agreement, acceptance")
+    cmp.add_argument("--tuned", required=True, help="the Medusa-2 output folder (model and heads)")
+    cmp.add_argument("--baseline-heads", help="Medusa-1 heads of the original model, for acceptance")
+    cmp.add_argument("--tree", help="tree.json to replay both on (default: the baseline heads' tree.json)")
+    cmp.add_argument("--eval-max-tokens", type=int, default=256, help="MT-Bench answer length")
+    cmp.add_argument("--json", help="also write the numbers to this file")
     conv = sub.add_parser("convert", parents=[common], help="write vLLM's MedusaModel layout")
     conv.add_argument("--heads-dir", required=True)
     conv.add_argument("--out", required=True)
@@ -125,10 +154,12 @@ def run(argv: Sequence[str] | None = None) -> int:
     data_file = work / ("distill.jsonl" if args.source == "generate" else "sharegpt-text.jsonl")
     features_dir = work / ("features" if (args.source, args.labels) == ("generate", "answer")
                            else f"features-{args.source}-{args.labels}")
-    out = Path(getattr(args, "out", None) or work / "heads")
+    recipe = getattr(args, "recipe", "medusa-1")
+    out = Path(getattr(args, "out", None) or work / ("heads" if recipe == "medusa-1" else "medusa2-model"))
+    warmup_heads = work / "medusa2" / "warmup-heads"
     cmd = args.command
     command = "python -m vllm_medusa.train " + shlex.join(sys.argv[1:] if argv is None else argv)
-    if cmd != "convert":
+    if cmd not in ("convert", "compare"):
         settings = dict(log.data.get("settings", {}))
         settings.update({k: v for k, v in vars(args).items()
                          if k not in ("command", "model", "work_dir", "out", "kv_cache_gb", "base_model_name")})
@@ -168,7 +199,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             info["resumed"] = before > 0
         print(f"features: {features_dir} in {info['seconds']} s")
 
-    if cmd in ("all", "train"):
+    if cmd in ("all", "train") and not (recipe == "medusa-2" and (warmup_heads / "config.json").is_file()):
         from .trainer import TrainConfig, train_and_save
 
         cfg = TrainConfig(num_heads=args.heads, num_layers=args.layers, lr=args.lr, epochs=args.epochs,
@@ -176,13 +207,42 @@ def run(argv: Sequence[str] | None = None) -> int:
                           shared_lm_head=not args.own_lm_head, softmax_vocab=args.softmax_vocab,
                           token_conditioned=args.token_conditioned, draft_vocab=args.draft_vocab,
                           seed=args.seed)
+        heads_out = out if recipe == "medusa-1" else warmup_heads
         with log.stage("train", command) as info:
-            result = train_and_save(features_dir, out, cfg, base_model_name_or_path=base_name,
+            result = train_and_save(features_dir, heads_out, cfg, base_model_name_or_path=base_name,
                                     max_steps=args.max_steps)
             info.update(result.summary())
         print(f"train: {result.steps} steps, final loss {result.final_train_loss:.3f}, held-out top-1 "
               + "/".join(f"{row[0]:.3f}" for row in result.summary()["heldout_topk"])
-              + f", heads in {out}")
+              + f", heads in {heads_out}")
+
+    if cmd == "all" and recipe == "medusa-2":
+        from .compare import tuned_work_dir
+        from .evaluate import DEFAULT_TREE_BUDGET, evaluate, format_result
+        from .medusa2 import Medusa2Config, run_medusa2
+
+        cfg2 = Medusa2Config(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lr_heads=args.lr_heads,
+                             lr_backbone=args.lr_backbone, heads_weight=args.heads_weight,
+                             epochs=args.joint_epochs, batch_tokens=args.joint_batch_tokens,
+                             checkpoint_every=args.checkpoint_every, seed=args.seed, save_dtype=args.save_dtype)
+        with log.stage("joint", command) as info:
+            result2 = run_medusa2(model, data_file, warmup_heads, out, work / "medusa2", cfg2,
+                                  base_model_name_or_path=base_name, max_steps=args.joint_max_steps,
+                                  limit=args.joint_limit)
+            info.update(result2.summary())
+        print(f"joint: {result2.steps} steps on {result2.records} answers, final KL {result2.final_kl:.4f}, "
+              f"heads loss {result2.final_heads_loss:.3f}, head-0 top-1 {result2.final_head0_top1:.3f}; "
+              f"model and heads in {out}")
+        with log.stage("evaluate-medusa2", command):
+            result = evaluate(out, out, tuned_work_dir(work, out), max_tokens=args.eval_max_tokens,
+                              tree_budget=args.tree_budget or DEFAULT_TREE_BUDGET, kv_cache_gb=args.kv_cache_gb)
+        print(format_result(result))
+        summary = json.loads((out / "medusa2.json").read_text())
+        summary["evaluation"] = {k: result[k] for k in ("positions", "answers", "topk", "tree",
+                                                        "tree_per_step", "chain_per_step")}
+        (out / "medusa2.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"wrote {out}/tree.json, accuracies.json, medusa2.json")
+        return 0
 
     if cmd in ("all", "evaluate"):
         from .evaluate import DEFAULT_TREE_BUDGET, evaluate, format_result
@@ -194,6 +254,29 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(format_result(result))
         write_training_md(out, log.data)
         print(f"wrote {out}/tree.json, accuracies.json, TRAINING.md")
+
+    if cmd == "compare":
+        from .compare import compare, format_comparison, load_tree
+
+        tuned = Path(args.tuned)
+        if not (tuned / "config.json").is_file() or not (tuned / "medusa_lm_head.safetensors").is_file():
+            raise SystemExit(f"--tuned {tuned}: not a Medusa-2 output folder (needs config.json and "
+                             "medusa_lm_head.safetensors)")
+        trees = None
+        if args.baseline_heads:
+            tree_file = Path(args.tree or Path(args.baseline_heads) / "tree.json")
+            if not tree_file.is_file():
+                raise SystemExit(f"no tree to replay: {tree_file} does not exist (pass --tree)")
+            tree = load_tree(tree_file)
+            trees = {f"{tree_file.name} ({len(tree)} nodes)": tree}
+            if len(tree) > 4:
+                trees["its first 4 nodes"] = tree[:4]
+        result = compare(model, tuned, work, baseline_heads=args.baseline_heads, trees=trees,
+                         max_tokens=args.eval_max_tokens, kv_cache_gb=args.kv_cache_gb)
+        print(format_comparison(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        return 0
 
     if cmd == "convert":
         import torch

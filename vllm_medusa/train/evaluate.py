@@ -111,7 +111,7 @@ def _lookup_replay(feats: Any, answers_file: str | os.PathLike, **kwargs: int) -
 def replay_answers(model: str | os.PathLike, heads_dir: str | os.PathLike, answers_file: str | os.PathLike,
                    work_dir: str | os.PathLike, tree: Sequence[Sequence[int]], *, lookup: int = 0,
                    lookup_min: int = 2, lookup_max: int = 4,
-                   dtype: torch.dtype = torch.float32) -> dict[str, float | None]:
+                   dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Mean acceptance per step that ``tree`` (and the prompt-lookup branch of ``lookup`` tokens,
     offered whole) would give on recorded answers (``answers_file``: records of ``prompt_token_ids``
     and ``output_token_ids``), replayed from the backbone's hidden states: what an engine decoding
@@ -126,6 +126,7 @@ def replay_answers(model: str | os.PathLike, heads_dir: str | os.PathLike, answe
         "tree_and_lookup": simulated_acceptance(ranks, paths, feats.lengths, replay) if replay else None,
         "lookup_alone": simulated_acceptance(ranks, [], feats.lengths, replay) if replay else None,
         "answers": len(feats.lengths), "answer_tokens": int(len(feats.tokens)),
+        "top1": [row[0] for row in rank_accuracies(ranks, TOPK)],
     }
 
 
