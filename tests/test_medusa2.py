@@ -174,3 +174,17 @@ def test_recipe_output_serves_through_the_plugin(tiny, tmp_path):
         ref = merged.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False)[0, len(p):]
         got = list(o.outputs[0].token_ids)
         assert got == ref.tolist()[: len(got)] and len(got) > 0
+
+
+def test_comparison_numbers(tiny):
+    from vllm_medusa.train.compare import greedy_agreement, teacher_forced_quality
+
+    recs = synthetic_records(3)
+    same = teacher_forced_quality(tiny, tiny, recs)
+    assert same["kl_per_token"] == pytest.approx(0.0, abs=1e-6) and same["argmax_agreement"] == 1.0
+    assert same["tokens"] == sum(len(r["output_token_ids"]) for r in recs)
+    a = [{"id": "x", "output_token_ids": [1, 2, 3, 4]}, {"id": "y", "output_token_ids": [5, 6]}]
+    b = [{"id": "x", "output_token_ids": [1, 2, 9, 4]}, {"id": "y", "output_token_ids": [5, 6]},
+         {"id": "z", "output_token_ids": [7]}]
+    got = greedy_agreement(a, b)
+    assert got == {"answers": 2, "identical_answers": 0.5, "prefix_share": 4 / 6, "positionwise_share": 5 / 6}

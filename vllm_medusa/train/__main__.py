@@ -130,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser("compare", parents=[common],
                          help="a Medusa-2 model against its original on MT-Bench: KL, agreement, acceptance")
     cmp.add_argument("--tuned", required=True, help="the Medusa-2 output folder (model and heads)")
-    cmp.add_argument("--baseline-heads", help="Medusa-1 heads of the original model, for acceptance")
-    cmp.add_argument("--tree", help="tree.json to replay both on (default: the baseline heads' tree.json)")
+    cmp.add_argument("--baseline-heads", action="append", default=[],
+                     help="Medusa-1 heads of the original model, for acceptance (repeatable)")
+    cmp.add_argument("--tree", help="tree.json to replay all heads on (default: the first baseline's tree.json)")
     cmp.add_argument("--eval-max-tokens", type=int, default=256, help="MT-Bench answer length")
     cmp.add_argument("--json", help="also write the numbers to this file")
     conv = sub.add_parser("convert", parents=[common], help="write vLLM's MedusaModel layout")
@@ -264,13 +265,13 @@ def run(argv: Sequence[str] | None = None) -> int:
                              "medusa_lm_head.safetensors)")
         trees = None
         if args.baseline_heads:
-            tree_file = Path(args.tree or Path(args.baseline_heads) / "tree.json")
+            tree_file = Path(args.tree or Path(args.baseline_heads[0]) / "tree.json")
             if not tree_file.is_file():
                 raise SystemExit(f"no tree to replay: {tree_file} does not exist (pass --tree)")
             tree = load_tree(tree_file)
             trees = {f"{tree_file.name} ({len(tree)} nodes)": tree}
             if len(tree) > 4:
-                trees["its first 4 nodes"] = tree[:4]
+                trees[f"first 4 nodes of {tree_file.name}"] = tree[:4]
         result = compare(model, tuned, work, baseline_heads=args.baseline_heads, trees=trees,
                          max_tokens=args.eval_max_tokens, kv_cache_gb=args.kv_cache_gb)
         print(format_comparison(result))

@@ -95,36 +95,47 @@ def load_tree(path: str | os.PathLike) -> list[list[int]]:
 
 
 def compare(original: str | os.PathLike, tuned: str | os.PathLike, work_dir: str | os.PathLike, *,
-            baseline_heads: str | os.PathLike | None = None, trees: dict[str, Sequence[Sequence[int]]] | None = None,
+            baseline_heads: Sequence[str | os.PathLike] = (), trees: dict[str, Sequence[Sequence[int]]] | None = None,
             max_tokens: int = 256, kv_cache_gb: int = 4, examples: int = 3) -> dict[str, Any]:
     """Quality of ``tuned`` against ``original`` on MT-Bench, and (with ``baseline_heads`` and
-    ``trees``) replayed acceptance of the baseline heads on the original vs ``tuned``'s own heads."""
+    ``trees``) replayed acceptance of each baseline's heads on the original vs ``tuned``'s own heads."""
     from transformers import AutoTokenizer
 
     from .evaluate import generate_mtbench_answers, replay_answers
 
     work = Path(work_dir)
-    orig_file = generate_mtbench_answers(original, work / "mtbench-answers.jsonl", max_tokens=max_tokens,
-                                         kv_cache_gb=kv_cache_gb)
+    # The original answers in the tuned model's dtype, so that agreement measures training, not
+    # bf16 against float32 arithmetic.
+    dtype = model_dtype(tuned)
+    orig_work = work / f"compare-original-{dtype}"
+    orig_file = generate_mtbench_answers(original, orig_work / "mtbench-answers.jsonl", max_tokens=max_tokens,
+                                         kv_cache_gb=kv_cache_gb, dtype=dtype)
     tuned_work = tuned_work_dir(work, tuned)
     tuned_file = generate_mtbench_answers(tuned, tuned_work / "mtbench-answers.jsonl", max_tokens=max_tokens,
                                           kv_cache_gb=kv_cache_gb)
     orig_recs, tuned_recs = read_records(orig_file), read_records(tuned_file)
     result: dict[str, Any] = {
-        "original": str(original), "tuned": str(tuned), "max_tokens": max_tokens,
+        "original": str(original), "tuned": str(tuned), "max_tokens": max_tokens, "dtype": dtype,
         "teacher_forced": teacher_forced_quality(original, tuned, orig_recs),
         "greedy": greedy_agreement(orig_recs, tuned_recs),
         "examples": side_by_side(AutoTokenizer.from_pretrained(str(original)), orig_recs, tuned_recs, examples),
     }
-    if baseline_heads is not None and trees:
-        result["acceptance"] = {}
-        for name, tree in trees.items():
-            base = replay_answers(original, baseline_heads, orig_file, work / "compare-baseline", tree)
-            new = replay_answers(tuned, tuned, tuned_file, tuned_work, tree)
-            result["acceptance"][name] = {"nodes": len(tree), "baseline": base["tree"], "tuned": new["tree"],
-                                          "ratio": new["tree"] / base["tree"],
-                                          "baseline_top1": base["top1"], "tuned_top1": new["top1"]}
+    result["acceptance"] = []
+    for name, tree in (trees or {}).items():
+        new = replay_answers(tuned, tuned, tuned_file, tuned_work, tree)
+        for heads in baseline_heads:
+            base = replay_answers(original, heads, orig_file, orig_work, tree)
+            result["acceptance"].append({"tree": name, "nodes": len(tree), "baseline_heads": str(heads),
+                                         "baseline": base["tree"], "tuned": new["tree"],
+                                         "ratio": new["tree"] / base["tree"],
+                                         "baseline_top1": base["top1"], "tuned_top1": new["top1"]})
     return result
+
+
+def model_dtype(model: str | os.PathLike) -> str:
+    """The dtype a checkpoint's config.json names (what vLLM's ``dtype="auto"`` runs it in)."""
+    config = json.loads((Path(model) / "config.json").read_text())
+    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
 
 
 def tuned_work_dir(work: Path, tuned: str | os.PathLike) -> Path:
@@ -135,17 +146,19 @@ def tuned_work_dir(work: Path, tuned: str | os.PathLike) -> Path:
 def format_comparison(result: dict[str, Any]) -> str:
     """The numbers of ``compare`` as a short report."""
     tf, gr = result["teacher_forced"], result["greedy"]
-    lines = [f"teacher-forced on the original's greedy MT-Bench answers ({tf['tokens']} tokens): "
+    lines = [f"both models in {result['dtype']}",
+             f"teacher-forced on the original's greedy MT-Bench answers ({tf['tokens']} tokens): "
              f"KL(original || tuned) {tf['kl_per_token']:.4f} nats/token, argmax agreement "
              f"{tf['argmax_agreement']:.4f}",
              f"greedy answers ({gr['answers']}, <= {result['max_tokens']} tokens): identical "
              f"{gr['identical_answers']:.3f}, original's tokens before the first difference "
              f"{gr['prefix_share']:.3f}, position-wise identical {gr['positionwise_share']:.3f}"]
-    for name, acc in result.get("acceptance", {}).items():
-        lines.append(f"replayed acceptance, tree {name} ({acc['nodes']} nodes): baseline heads on the "
+    for acc in result.get("acceptance", []):
+        lines.append(f"replayed acceptance per step, tree {acc['tree']}: {acc['baseline_heads']} on the "
                      f"original {acc['baseline']:.3f}, tuned heads on the tuned model {acc['tuned']:.3f} "
-                     f"({acc['ratio']:.3f}x); head-0 top-1 {acc['baseline_top1'][0]:.3f} -> "
-                     f"{acc['tuned_top1'][0]:.3f}")
+                     f"({acc['ratio']:.3f}x); head top-1 "
+                     + "/".join(f"{a:.3f}" for a in acc["baseline_top1"]) + " -> "
+                     + "/".join(f"{a:.3f}" for a in acc["tuned_top1"]))
     for ex in result["examples"]:
         lines += [f"--- {ex['id']}", f"original: {ex['original']!r}", f"tuned:    {ex['tuned']!r}"]
     return "\n".join(lines)

@@ -28,7 +28,7 @@ TOPK = 10
 
 def generate_mtbench_answers(model: str | os.PathLike, out_file: str | os.PathLike, *,
                              max_tokens: int = 256, turns: Sequence[int] = (0, 1),
-                             kv_cache_gb: int = 4, max_num_seqs: int = 64) -> Path:
+                             kv_cache_gb: int = 4, max_num_seqs: int = 64, dtype: str = "auto") -> Path:
     """Greedy answers of the base model to MT-Bench questions (both turns as single prompts)."""
     from transformers import AutoTokenizer
 
@@ -38,7 +38,7 @@ def generate_mtbench_answers(model: str | os.PathLike, out_file: str | os.PathLi
         return Path(out_file)
     max_prompt = max(len(p.token_ids) for p in prompts)
     llm = build_llm(model, max_model_len=max_prompt + max_tokens, max_num_seqs=max_num_seqs,
-                    kv_cache_gb=kv_cache_gb)
+                    kv_cache_gb=kv_cache_gb, dtype=dtype)
     return generate_answers(llm, prompts, out_file, max_tokens=max_tokens, temperature=0.0,
                             desc="mt-bench answers")
 
