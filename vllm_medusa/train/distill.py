@@ -111,6 +111,14 @@ def build_llm(model: str | os.PathLike, *, max_model_len: int, max_num_seqs: int
                **kwargs)
 
 
+def shutdown_engine(llm: Any) -> None:
+    """Stop an ``LLM``'s engine-core process now: left to garbage collection it keeps polling (a
+    third of a core here) and holding its KV cache while later stages run the backbone."""
+    engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if engine_core is not None:
+        engine_core.shutdown()
+
+
 def generate_answers(llm: Any, prompts: Sequence[Prompt], out_file: str | os.PathLike, *,
                      max_tokens: int = 256, temperature: float = 0.0, chunk_size: int = 256,
                      seed: int = 0, desc: str = "distill") -> Path:
@@ -154,8 +162,11 @@ def distill(model: str | os.PathLike, out_file: str | os.PathLike, *, num_sample
         return Path(out_file)
     llm = build_llm(model, max_model_len=max_prompt_tokens + max_tokens, max_num_seqs=max_num_seqs,
                     kv_cache_gb=kv_cache_gb, seed=seed)
-    return generate_answers(llm, prompts, out_file, max_tokens=max_tokens, temperature=temperature,
-                            chunk_size=chunk_size, seed=seed)
+    try:
+        return generate_answers(llm, prompts, out_file, max_tokens=max_tokens, temperature=temperature,
+                                chunk_size=chunk_size, seed=seed)
+    finally:
+        shutdown_engine(llm)
 
 
 def sharegpt_text(model: str | os.PathLike, out_file: str | os.PathLike, *, num_samples: int = 2000,

@@ -17,7 +17,7 @@ import torch
 
 from ..heads import load_medusa_heads
 from ..trees import expected_acceptance_length, optimal_tree
-from .distill import build_llm, generate_answers, mtbench_prompts, read_records
+from .distill import build_llm, generate_answers, mtbench_prompts, read_records, shutdown_engine
 from .features import IGNORE, extract_features, load_features
 from .metrics import LookupReplay, cumulative, head_ranks, rank_accuracies, simulated_acceptance
 
@@ -39,8 +39,11 @@ def generate_mtbench_answers(model: str | os.PathLike, out_file: str | os.PathLi
     max_prompt = max(len(p.token_ids) for p in prompts)
     llm = build_llm(model, max_model_len=max_prompt + max_tokens, max_num_seqs=max_num_seqs,
                     kv_cache_gb=kv_cache_gb, dtype=dtype)
-    return generate_answers(llm, prompts, out_file, max_tokens=max_tokens, temperature=0.0,
-                            desc="mt-bench answers")
+    try:
+        return generate_answers(llm, prompts, out_file, max_tokens=max_tokens, temperature=0.0,
+                                desc="mt-bench answers")
+    finally:
+        shutdown_engine(llm)
 
 
 def evaluate_heads(model: str | os.PathLike, heads_dir: str | os.PathLike, features_dir: str | os.PathLike,
