@@ -200,7 +200,9 @@ def run(argv: Sequence[str] | None = None) -> int:
             info["resumed"] = before > 0
         print(f"features: {features_dir} in {info['seconds']} s")
 
-    if cmd in ("all", "train") and not (recipe == "medusa-2" and (warmup_heads / "config.json").is_file()):
+    if cmd == "all" and recipe == "medusa-2" and (warmup_heads / "config.json").is_file():
+        print(f"train: reusing the Medusa-1 warm-up heads in {warmup_heads} (delete them to retrain)")
+    elif cmd in ("all", "train"):
         from .trainer import TrainConfig, train_and_save
 
         cfg = TrainConfig(num_heads=args.heads, num_layers=args.layers, lr=args.lr, epochs=args.epochs,
