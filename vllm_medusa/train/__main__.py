@@ -238,7 +238,8 @@ def run(argv: Sequence[str] | None = None) -> int:
               f"model and heads in {out}")
         with log.stage("evaluate-medusa2", command):
             result = evaluate(out, out, tuned_work_dir(work, out), max_tokens=args.eval_max_tokens,
-                              tree_budget=args.tree_budget or DEFAULT_TREE_BUDGET, kv_cache_gb=args.kv_cache_gb)
+                              tree_budget=args.tree_budget or DEFAULT_TREE_BUDGET, kv_cache_gb=args.kv_cache_gb,
+                              dtype=args.save_dtype)
         print(format_result(result))
         summary = json.loads((out / "medusa2.json").read_text())
         summary["evaluation"] = {k: result[k] for k in ("positions", "answers", "topk", "tree",

@@ -104,15 +104,15 @@ def compare(original: str | os.PathLike, tuned: str | os.PathLike, work_dir: str
     from .evaluate import generate_mtbench_answers, replay_answers
 
     work = Path(work_dir)
-    # The original answers in the tuned model's dtype, so that agreement measures training, not
-    # bf16 against float32 arithmetic.
+    # Both models' answers in the tuned model's dtype, named explicitly: vLLM's "auto" runs a
+    # float32 checkpoint in bf16, and agreement should measure training, not arithmetic.
     dtype = model_dtype(tuned)
     orig_work = work / f"compare-original-{dtype}"
     orig_file = generate_mtbench_answers(original, orig_work / "mtbench-answers.jsonl", max_tokens=max_tokens,
                                          kv_cache_gb=kv_cache_gb, dtype=dtype)
     tuned_work = tuned_work_dir(work, tuned)
     tuned_file = generate_mtbench_answers(tuned, tuned_work / "mtbench-answers.jsonl", max_tokens=max_tokens,
-                                          kv_cache_gb=kv_cache_gb)
+                                          kv_cache_gb=kv_cache_gb, dtype=dtype)
     orig_recs, tuned_recs = read_records(orig_file), read_records(tuned_file)
     result: dict[str, Any] = {
         "original": str(original), "tuned": str(tuned), "max_tokens": max_tokens, "dtype": dtype,

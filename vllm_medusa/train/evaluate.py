@@ -155,10 +155,11 @@ def format_result(result: dict[str, Any], show_topk: int = 5) -> str:
 
 
 def evaluate(model: str | os.PathLike, heads_dir: str | os.PathLike, work_dir: str | os.PathLike, *,
-             max_tokens: int = 256, tree_budget: int = DEFAULT_TREE_BUDGET, kv_cache_gb: int = 4) -> dict[str, Any]:
+             max_tokens: int = 256, tree_budget: int = DEFAULT_TREE_BUDGET, kv_cache_gb: int = 4,
+             dtype: str = "auto") -> dict[str, Any]:
     """MT-Bench answers -> features -> accuracies, tree.json, accuracies.json (all cached in work_dir)."""
     work = Path(work_dir)
     data = generate_mtbench_answers(model, work / "mtbench-answers.jsonl", max_tokens=max_tokens,
-                                    kv_cache_gb=kv_cache_gb)
+                                    kv_cache_gb=kv_cache_gb, dtype=dtype)
     feats = extract_features(model, data, work / "mtbench-features", desc="mt-bench features")
     return evaluate_heads(model, heads_dir, feats, tree_budget=tree_budget, answers_file=data)
