@@ -22,9 +22,6 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
-FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "VLLM_CPU_KVCACHE_SPACE",
-                 "VLLM_MEDUSA_CACHE_DIR")
-
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -49,11 +46,10 @@ def main() -> None:
     from vllm_medusa.data import mtbench_prompts
     from vllm_medusa.demo import demo_heads_path, demo_model_path
 
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    if not args.verbose:  # vLLM logs at INFO in every engine process
-        env.update(VLLM_LOGGING_LEVEL=os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
-                   PYTHONWARNINGS="ignore", TORCH_CPP_LOG_LEVEL="ERROR")
-    ray.init(address=args.address, runtime_env={"env_vars": env},
+    quiet = {} if args.verbose else {  # vLLM logs at INFO in every engine process
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
+        "PYTHONWARNINGS": "ignore", "TORCH_CPP_LOG_LEVEL": "ERROR"}
+    ray.init(address=args.address, runtime_env=ray_llm.driver_runtime_env(**quiet),
              logging_level="INFO" if args.verbose else "WARNING")
     if not args.verbose:
         ray.data.DataContext.get_current().enable_progress_bars = True

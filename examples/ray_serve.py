@@ -19,9 +19,6 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
-FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "VLLM_CPU_KVCACHE_SPACE",
-                 "VLLM_MEDUSA_CACHE_DIR")
-
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -40,8 +37,7 @@ def main() -> None:
     from vllm_medusa import ray_llm
     from vllm_medusa.demo import demo_heads_path, demo_model_path
 
-    ray.init(address=args.address, runtime_env={"env_vars": {k: os.environ[k] for k in FORWARDED_ENV
-                                                             if k in os.environ}})
+    ray.init(address=args.address, runtime_env=ray_llm.driver_runtime_env())
     cpu = not ray_llm.cluster_has_gpus()
     engine = {"max_model_len": args.max_model_len, "enforce_eager": cpu,
               "tensor_parallel_size": args.tensor_parallel}

@@ -7,7 +7,6 @@ sizes both for CPU-only clusters. One local Ray cluster serves the module.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -20,16 +19,15 @@ MAX_TOKENS = 32
 # 2026-12-03: the same MT-Bench prompt decoded alone and in a batch of 4 diverges at token 7), and
 # Ray batches requests its own way.
 ENGINE = {"max_model_len": MAX_LEN, "enforce_eager": True, "dtype": "float32"}
-FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "VLLM_CPU_KVCACHE_SPACE", "VLLM_NO_USAGE_STATS",
-                 "VLLM_MEDUSA_CACHE_DIR", "TOKENIZERS_PARALLELISM")
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False,
-             runtime_env={"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}})
+    from vllm_medusa.ray_llm import driver_runtime_env
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env=driver_runtime_env())
     yield ray
     ray.shutdown()
 

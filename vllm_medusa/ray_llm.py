@@ -15,6 +15,17 @@ from typing import Any, Callable, Mapping
 
 #: CPUs for each light stage (chat template, tokenizer, detokenizer, user pre/post-processing).
 LIGHT_STAGE_CPUS = 0.1
+#: Settings of the driver that the engines started by Ray need as well.
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "VLLM_CPU_KVCACHE_SPACE",
+                 "VLLM_NO_USAGE_STATS", "VLLM_MEDUSA_CACHE_DIR", "TOKENIZERS_PARALLELISM")
+
+
+def driver_runtime_env(**env_vars: str) -> dict[str, Any]:
+    """A ``runtime_env`` for ``ray.init`` carrying the driver's :data:`FORWARDED_ENV` settings
+    (offline hub, KV-cache size, where the adaptive policy keeps its profiles) and ``env_vars``."""
+    import os
+
+    return {"env_vars": {**{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}, **env_vars}}
 
 
 def cluster_has_gpus() -> bool:

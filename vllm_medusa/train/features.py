@@ -59,6 +59,17 @@ def _seq_len(rec: dict[str, Any]) -> int:
     return len(rec["prompt_token_ids"]) + len(rec["output_token_ids"])
 
 
+def pad_batch(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids right-padded with 0 into ``[B, longest]``, and the attention mask."""
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, :len(s)] = torch.tensor(s)
+        mask[r, :len(s)] = 1
+    return ids, mask
+
+
 @torch.inference_mode()
 def hidden_states_for(decoder: Any, records: Sequence[dict[str, Any]],
                       max_batch_tokens: int = 8192) -> list[torch.Tensor]:
@@ -66,13 +77,7 @@ def hidden_states_for(decoder: Any, records: Sequence[dict[str, Any]],
     out: list[torch.Tensor | None] = [None] * len(records)
     device = next(decoder.parameters()).device
     for batch in _batches(records, max_batch_tokens):
-        seqs = [records[i]["prompt_token_ids"] + records[i]["output_token_ids"] for i in batch]
-        width = max(len(s) for s in seqs)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        for r, s in enumerate(seqs):
-            ids[r, :len(s)] = torch.tensor(s)
-            mask[r, :len(s)] = 1
+        ids, mask = pad_batch([records[i]["prompt_token_ids"] + records[i]["output_token_ids"] for i in batch])
         hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
         for r, i in enumerate(batch):
             p = len(records[i]["prompt_token_ids"])

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from ..head_checkpoints import FASTERDECODING_WEIGHTS
 from ..heads import MedusaHeads, load_medusa_heads, save_medusa_heads
 from .distill import read_records
-from .features import IGNORE, load_backbone
+from .features import IGNORE, load_backbone, pad_batch
 from .trainer import _lr_at, medusa_loss
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -102,16 +102,6 @@ def lora_model(model: Any, cfg: Medusa2Config) -> Any:
     return get_peft_model(model, lora)
 
 
-def _pad(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, :len(s)] = torch.tensor(s)
-        mask[r, :len(s)] = 1
-    return ids, mask
-
-
 def answer_rows(records: Sequence[dict[str, Any]], width: int) -> tuple[torch.Tensor, list[list[int]]]:
     """Flat indices into ``[B * width]`` of the positions that predict answer tokens (P-1 .. P+m-2),
     and each record's answer tokens, in the same order."""
@@ -168,7 +158,7 @@ def _remap(targets: torch.Tensor, token_map: torch.Tensor | None, vocab: int) ->
 def joint_losses(model: Any, heads: MedusaHeads, records: Sequence[dict[str, Any]],
                  cfg: Medusa2Config) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """(KL to the original, heads loss, per-head top-1) of one batch through the LoRA model."""
-    ids, mask = _pad([r["prompt_token_ids"] + r["output_token_ids"] for r in records])
+    ids, mask = pad_batch([r["prompt_token_ids"] + r["output_token_ids"] for r in records])
     rows, answers = answer_rows(records, ids.shape[1])
     decoder = model.get_decoder()
     lm_head = model.get_output_embeddings().weight
