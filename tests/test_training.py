@@ -12,7 +12,7 @@ from vllm_medusa.demo import tiny_model_path
 from vllm_medusa.heads import convert_to_vllm_medusa, load_medusa_heads, save_medusa_heads
 from vllm_medusa.train.features import IGNORE, extract_features, load_backbone, load_features
 from vllm_medusa.train.metrics import MISS, cumulative, rank_accuracies, simulated_acceptance
-from vllm_medusa.train.trainer import TrainConfig, medusa_loss, train_heads
+from vllm_medusa.train.trainer import TrainConfig, medusa_loss, soft_medusa_loss, teacher_rows, train_heads
 
 NUM_HEADS = 3
 
@@ -177,6 +177,49 @@ def test_loss_weights_and_accuracy():
     ce = torch.nn.functional.cross_entropy
     want = ce(logits[0], targets[:, 0]) + 0.5 * ce(logits[1, :2], targets[:2, 1])
     assert float(loss) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_soft_loss_is_kl_to_the_teacher_plus_its_entropy():
+    g = torch.Generator().manual_seed(0)
+    logits, teacher = torch.randn(2, 4, 7, generator=g), torch.randn(2, 4, 7, generator=g)
+    targets = torch.tensor([[1, 2], [3, 3], [0, IGNORE], [6, IGNORE]])
+    loss, accs = soft_medusa_loss(logits, teacher, targets, head_decay=0.5)
+    p, logq = teacher.softmax(-1), logits.log_softmax(-1)
+    kl_plus_h = (p * (p.log() - logq)).sum(-1) - (p * p.log()).sum(-1)
+    want = kl_plus_h[0].mean() + 0.5 * kl_plus_h[1, :2].mean()
+    assert float(loss) == pytest.approx(float(want), rel=1e-5)
+    assert accs[1] == pytest.approx(float((logits[1, :2].argmax(-1) == targets[:2, 1]).float().mean()))
+    changed = logits.clone()
+    changed[1, 2:] = 100.0  # rows without a target do not count
+    assert float(soft_medusa_loss(changed, teacher, targets, 0.5)[0]) == pytest.approx(float(loss), rel=1e-5)
+    # A one-hot teacher is the hard loss.
+    onehot = torch.nn.functional.one_hot(targets.clamp(min=0).t(), 7).float() * 1e4
+    hard = medusa_loss(logits, targets, 0.5)[0]
+    assert float(soft_medusa_loss(logits, onehot, targets, 0.5)[0]) == pytest.approx(float(hard), rel=1e-4)
+
+
+def test_soft_targets_move_the_heads_to_the_base_distribution(features_dir):
+    """Head k at row j learns the base model's distribution at row j+1+k (the logits that produce
+    answer token j+1+k): after training, the heads are closer to it in KL than at the start."""
+    feats = load_features(features_dir)
+    assert teacher_rows(torch.tensor([0, 5]), 2, 7).tolist() == [[1, 6], [2, 6]]
+    cfg = TrainConfig(num_heads=NUM_HEADS, num_layers=1, lr=3e-3, epochs=100, batch_size=64,
+                      heldout_fraction=0.0, compute_dtype="float32", soft_targets=True)
+    targets = feats.targets(NUM_HEADS)
+    rows = (targets[:, 0] != IGNORE).nonzero().squeeze(1)
+
+    def kl(heads=None):
+        """Mean KL(base || heads); without heads, of the identity start (every head = base logits)."""
+        with torch.no_grad():
+            x = feats.hidden[rows]
+            logq = (heads(x, feats.lm_head) if heads else (x @ feats.lm_head.T).expand(NUM_HEADS, -1, -1)).log_softmax(-1)
+            logp = (feats.hidden[teacher_rows(rows, NUM_HEADS, len(feats.hidden))] @ feats.lm_head.T).log_softmax(-1)
+            per = (logp.exp() * (logp - logq)).sum(-1)
+            valid = targets[rows].t() != IGNORE
+            return float((per * valid).sum() / valid.sum())
+
+    result = train_heads(feats, cfg, max_steps=40, progress=False)
+    assert kl(result.heads) < 0.8 * kl()
 
 
 def test_rank_metrics_and_simulated_acceptance():

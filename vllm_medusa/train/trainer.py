@@ -6,6 +6,11 @@ share the frozen base ``lm_head``, so only the residual blocks (a few MB) are tr
 start as the identity, as in the original Medusa, so every head starts out as the base model's
 next-token guess rather than as noise. ``token_conditioned`` heads also get the embedding of the
 token produced at t (``heads.py``), taken from the cached answer tokens.
+
+``soft_targets`` trains head k at t on the base model's whole distribution of the token at t+2+k
+(its logits at row t+1+k, from the cached hidden states and the frozen ``lm_head``) instead of the one
+token: the cross-entropy to it differs from KL(base || head) by a constant (the loss Medusa-2 uses
+for its backbone, here for the heads). It needs no extra data, only one more projection per step.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ class TrainConfig:
     # memory-bound; on the demo model 4096 of 12465 tokens keep head-0 top-1 within 0.002.
     draft_vocab: int | None = None
     token_conditioned: bool = False
+    # Learn the base model's distribution of each target token, not only its (greedy) token.
+    soft_targets: bool = False
     seed: int = 0
     compute_dtype: str = "bfloat16"
 
@@ -94,6 +101,34 @@ def medusa_loss(logits: torch.Tensor, targets: torch.Tensor, head_decay: float =
         hits = (logits.argmax(-1) == tgt) & valid
         accs = [float(h.sum() / c) if c else float("nan") for h, c in zip(hits, counts)]
     return loss, accs
+
+
+def soft_medusa_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+                     head_decay: float = 0.8) -> tuple[torch.Tensor, list[float]]:
+    """``sum_k head_decay**k * CE(softmax(teacher_logits[k]), logits[k])`` over the rows where
+    ``targets[:, k]`` is a real token, and per-head top-1 accuracy against ``targets``.
+
+    ``teacher_logits`` ``[K, B, V]``: the base model's logits for the token each head predicts.
+    """
+    k_heads, batch, vocab = logits.shape
+    tgt = targets.t()
+    valid = tgt != IGNORE
+    probs = torch.softmax(teacher_logits.float(), -1)
+    ce = -(probs * torch.log_softmax(logits.float(), -1)).sum(-1) * valid
+    counts = valid.sum(1)
+    weights = torch.tensor([head_decay ** k for k in range(k_heads)], dtype=ce.dtype)
+    loss = (ce.sum(1) / counts.clamp(min=1) * weights).sum()
+    with torch.no_grad():
+        hits = (logits.argmax(-1) == tgt) & valid
+        accs = [float(h.sum() / c) if c else float("nan") for h, c in zip(hits, counts)]
+    return loss, accs
+
+
+def teacher_rows(rows: torch.Tensor, num_heads: int, num_rows: int) -> torch.Tensor:
+    """``[K, B]``: the row whose base logits give the distribution head k learns at each of ``rows``
+    (row t+1+k; clamped at the end, where the target is IGNORE and the row is masked anyway)."""
+    offsets = torch.arange(1, num_heads + 1)
+    return (rows.unsqueeze(0) + offsets.unsqueeze(1)).clamp(max=num_rows - 1)
 
 
 def most_frequent(tokens: torch.Tensor, vocab_ids: torch.Tensor, n: int | None) -> torch.Tensor:
@@ -193,7 +228,14 @@ def train_heads(features: Features | str | os.PathLike, config: TrainConfig | No
         with autocast(cdtype):
             logits = heads(feats.hidden[rows], train_proj if cfg.shared_lm_head else None,
                            token_embeds=embeds(rows))
-        loss, accs = medusa_loss(logits, train_targets[rows], cfg.head_decay)
+        if cfg.soft_targets:
+            with torch.no_grad():
+                # The base distribution over the heads' softmax vocabulary (train_proj is always
+                # the base lm_head's rows for it, also when the heads have their own projection).
+                teacher = feats.hidden[teacher_rows(rows, cfg.num_heads, len(feats.hidden))].to(cdtype) @ train_proj.T
+            loss, accs = soft_medusa_loss(logits, teacher, train_targets[rows], cfg.head_decay)
+        else:
+            loss, accs = medusa_loss(logits, train_targets[rows], cfg.head_decay)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
