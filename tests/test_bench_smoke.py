@@ -96,3 +96,36 @@ def test_online_smoke(tmp_path: Path, heads: Path) -> None:
     assert 0 <= rows["medusa_tree"]["same_text_as_plain"] <= 1
     assert rows["medusa_tree"]["mean_acceptance_length"] >= 1
     assert "TPOT ms p50" in (tmp_path / "online.md").read_text()
+
+
+@pytest.mark.engine
+def test_learning_curve_smoke(tmp_path: Path) -> None:
+    """Tiny model, synthetic answers: every (size, targets) point is trained, evaluated on the tiny
+    model's MT-Bench answers and lands in the JSON, the table and the plot; a rerun skips them."""
+    import torch
+
+    from tests.test_training import synthetic_records
+    from vllm_medusa.demo import tiny_model_path
+    from vllm_medusa.train.features import extract_features
+
+    tiny = tiny_model_path()
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_records(n=24)))
+    feats = extract_features(tiny, data, tmp_path / "features", dtype=torch.float32, shard_size=8)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    cmd = [sys.executable, str(REPO / "bench" / "learning_curve.py"), "--model", str(tiny),
+           "--data", f"syn={feats}", "--sizes", "200,500,1M", "--targets", "hard,soft",
+           "--eval-dir", str(tmp_path / "eval"), "--eval-max-tokens", "8", "--out", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    points = json.loads((tmp_path / "out" / "learning_curve.json").read_text())["points"]
+    assert {(q["targets"], q["size"]) for q in points} == {(t, s) for t in ("hard", "soft") for s in (200, 500)}
+    assert "fewer than 1000000: skipped" in proc.stdout
+    for q in points:
+        assert q["train_positions"] > 0 and len(q["top1"]) == 5 and q["per_step_16"] >= 1.0
+    small = [q["train_positions"] for q in points if q["size"] == 200]
+    assert max(small) < min(q["train_positions"] for q in points if q["size"] == 500)
+    assert (tmp_path / "out" / "learning_curve.png").stat().st_size > 0
+    assert "| syn | soft |" in (tmp_path / "out" / "learning_curve.md").read_text()
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and json.loads((tmp_path / "out" / "learning_curve.json").read_text())["points"] == points

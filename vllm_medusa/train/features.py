@@ -203,6 +203,13 @@ class Features:
             out[ok, k] = self.tokens[src[ok]].long()
         return out
 
+    def prefix(self, num_records: int) -> "Features":
+        """The first ``num_records`` records (a learning curve's smaller training sets)."""
+        rows = int(self.lengths[:num_records].sum())
+        return Features(hidden=self.hidden[:rows], tokens=self.tokens[:rows], lengths=self.lengths[:num_records],
+                        ids=self.ids[:num_records], lm_head=self.lm_head, meta=self.meta,
+                        embed_tokens=self.embed_tokens)
+
     def record_rows(self, record_indices: torch.Tensor) -> torch.Tensor:
         """Row indices of the given records."""
         starts, lengths = self.record_starts[record_indices], self.lengths[record_indices]

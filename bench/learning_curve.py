@@ -1,0 +1,140 @@
+"""Learning curve of the heads: held-out MT-Bench accuracy and replayed acceptance per step against
+the number of training answer tokens, per data source and per kind of target.
+
+Each point trains heads with the shipped demo recipe (5 token-conditioned heads of one layer, one
+epoch, draft vocabulary 4096) on the first records of a features directory (prefixes, so every
+larger set contains the smaller ones), then evaluates them on the base model's greedy MT-Bench
+answers as `train evaluate` does: top-1 per head, and the mean tokens per step that the heads'
+own 4- and 16-node trees (and the 4-node tree with the prompt-lookup branch) give when replayed.
+
+    .venv/bin/python bench/learning_curve.py --data self-distilled=.cache/train/smollm2-135m-instruct/features \
+        --sizes 60k,150k,300k --targets hard,soft
+
+Results (JSON, a markdown table, a PNG) go to bench/results/NAME/; a rerun with the same folder
+skips the points already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import default_model, md_table, results_dir, setup_env, write_json  # noqa: E402
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().lower()
+    scale = {"k": 1_000, "m": 1_000_000}.get(text[-1], 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="base model folder (default: the demo model)")
+    p.add_argument("--data", action="append", required=True, metavar="NAME=FEATURES_DIR",
+                   help="a features directory (`train features`) and its name in the table; repeatable")
+    p.add_argument("--sizes", default="60k", help="training answer tokens per point, e.g. 60k,300k,1M "
+                                                 "(a size past what a directory holds is skipped)")
+    p.add_argument("--targets", default="hard", help="hard (the greedy token), soft (the base distribution), or both")
+    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--eval-dir", default=None,
+                   help="folder with the MT-Bench answers and features of `train evaluate` (default: the "
+                        "model's train work dir; generated there if missing)")
+    p.add_argument("--eval-max-tokens", type=int, default=256)
+    p.add_argument("--name", help="results folder name under bench/results/ (default: a timestamp)")
+    p.add_argument("--out", help="results folder (overrides --name)")
+    args = p.parse_args()
+    setup_env()
+
+    import torch
+    from tqdm import tqdm
+
+    from vllm_medusa.heads import save_medusa_heads
+    from vllm_medusa.train.evaluate import evaluate_heads, generate_mtbench_answers
+    from vllm_medusa.train.features import extract_features, load_features
+    from vllm_medusa.train.trainer import TrainConfig, train_heads
+
+    from vllm_medusa.demo import cache_root
+
+    model = args.model or default_model()
+    eval_dir = Path(args.eval_dir) if args.eval_dir else cache_root() / "train" / Path(model).name
+    answers = generate_mtbench_answers(model, eval_dir / "mtbench-answers.jsonl", max_tokens=args.eval_max_tokens)
+    eval_features = extract_features(model, answers, eval_dir / "mtbench-features", desc="mt-bench features")
+
+    out = results_dir(args.out, args.name)
+    result_file = out / "learning_curve.json"
+    points: list[dict[str, Any]] = json.loads(result_file.read_text())["points"] if result_file.is_file() else []
+    done = {(q["data"], q["targets"], q["size"]) for q in points}
+    sources = dict(item.split("=", 1) for item in args.data)
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    targets = args.targets.split(",")
+    runs = [(name, t, size) for name in sources for size in sizes for t in targets]
+    for name, kind, size in tqdm(runs, desc="learning curve", unit="point"):
+        if (name, kind, size) in done:
+            continue
+        feats = load_features(sources[name])
+        n_records = int((torch.cumsum(feats.lengths, 0) < size).sum()) + 1
+        if n_records > len(feats.lengths):
+            print(f"{name}: {int(feats.lengths.sum())} answer tokens, fewer than {size}: skipped")
+            continue
+        cfg = TrainConfig(num_heads=5, num_layers=args.layers, lr=3e-3, epochs=args.epochs, batch_size=256,
+                          heldout_fraction=0.02, softmax_vocab="data", draft_vocab=4096,
+                          token_conditioned=True, soft_targets=kind == "soft")
+        t0 = time.time()
+        result = train_heads(feats.prefix(n_records), cfg)
+        seconds = time.time() - t0
+        with tempfile.TemporaryDirectory() as tmp:
+            save_medusa_heads(result.heads, Path(tmp), model, dtype=torch.bfloat16)
+            ev = evaluate_heads(model, tmp, eval_features, write=False, answers_file=answers)
+        points.append({"data": name, "targets": kind, "size": size, "records": n_records,
+                       "train_positions": result.train_positions, "train_seconds": round(seconds, 1),
+                       "top1": [row[0] for row in ev["topk"]],
+                       "per_step_4": ev["budgets"][4]["per_step"], "per_step_16": ev["budgets"][16]["per_step"],
+                       "per_step_4_lookup": ev["budgets"][4].get("per_step_lookup"),
+                       "eval_positions": ev["positions"]})
+        write_json(result_file, {"model": model, "layers": args.layers, "epochs": args.epochs,
+                                 "eval_answers": str(answers), "points": points})
+    write_outputs(out, points)
+    print((out / "learning_curve.md").read_text())
+
+
+def write_outputs(out: Path, points: list[dict[str, Any]]) -> None:
+    """The table and the plot (head-0 top-1 and 16-node acceptance against training tokens)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = sorted(points, key=lambda q: (q["data"], q["targets"], q["size"]))
+    rows = [[q["data"], q["targets"], f"{q['train_positions'] / 1e3:.0f}k", f"{q['top1'][0]:.3f}",
+             f"{q['top1'][1]:.3f}", f"{q['per_step_4']:.3f}", f"{q['per_step_16']:.3f}",
+             f"{q['per_step_4_lookup']:.3f}", f"{q['train_seconds'] / 60:.1f}"] for q in points]
+    header = ["data", "targets", "training tokens", "head-0 top-1", "head-1 top-1", "4 nodes", "16 nodes",
+              "4 nodes + lookup", "train min"]
+    (out / "learning_curve.md").write_text(md_table(header, rows) + "\n")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for key in sorted({(q["data"], q["targets"]) for q in points}):
+        line = [q for q in points if (q["data"], q["targets"]) == key]
+        xs = [q["train_positions"] for q in line]
+        axes[0].plot(xs, [q["top1"][0] for q in line], "o-", label=" / ".join(key))
+        axes[1].plot(xs, [q["per_step_16"] for q in line], "o-", label=" / ".join(key))
+    for ax, title in zip(axes, ("head-0 top-1 (MT-Bench)", "tokens per step, 16-node tree (replayed)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("training answer tokens")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "learning_curve.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
