@@ -91,16 +91,9 @@ def medusa_loss(logits: torch.Tensor, targets: torch.Tensor, head_decay: float =
     """
     k_heads, batch, vocab = logits.shape
     tgt = targets.t()
-    valid = tgt != IGNORE
     ce = F.cross_entropy(logits.reshape(-1, vocab).float(), tgt.reshape(-1), ignore_index=IGNORE,
                          reduction="none").view(k_heads, batch)
-    counts = valid.sum(1)
-    weights = torch.tensor([head_decay ** k for k in range(k_heads)], dtype=ce.dtype)
-    loss = (ce.sum(1) / counts.clamp(min=1) * weights).sum()
-    with torch.no_grad():
-        hits = (logits.argmax(-1) == tgt) & valid
-        accs = [float(h.sum() / c) if c else float("nan") for h, c in zip(hits, counts)]
-    return loss, accs
+    return _decayed_mean(ce, logits, tgt, head_decay)
 
 
 def soft_medusa_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
@@ -110,13 +103,19 @@ def soft_medusa_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, targets
 
     ``teacher_logits`` ``[K, B, V]``: the base model's logits for the token each head predicts.
     """
-    k_heads, batch, vocab = logits.shape
     tgt = targets.t()
-    valid = tgt != IGNORE
     probs = torch.softmax(teacher_logits.float(), -1)
-    ce = -(probs * torch.log_softmax(logits.float(), -1)).sum(-1) * valid
+    ce = -(probs * torch.log_softmax(logits.float(), -1)).sum(-1) * (tgt != IGNORE)
+    return _decayed_mean(ce, logits, tgt, head_decay)
+
+
+def _decayed_mean(ce: torch.Tensor, logits: torch.Tensor, tgt: torch.Tensor,
+                  head_decay: float) -> tuple[torch.Tensor, list[float]]:
+    """Per-head mean of ``ce`` ``[K, B]`` (zero where ``tgt`` is IGNORE) weighted by
+    ``head_decay**k``, and per-head top-1 accuracy of ``logits`` against ``tgt``."""
+    valid = tgt != IGNORE
     counts = valid.sum(1)
-    weights = torch.tensor([head_decay ** k for k in range(k_heads)], dtype=ce.dtype)
+    weights = torch.tensor([head_decay ** k for k in range(len(ce))], dtype=ce.dtype)
     loss = (ce.sum(1) / counts.clamp(min=1) * weights).sum()
     with torch.no_grad():
         hits = (logits.argmax(-1) == tgt) & valid
