@@ -57,17 +57,15 @@ def main() -> None:
     import torch
     from tqdm import tqdm
 
-    from vllm_medusa.heads import save_medusa_heads
-    from vllm_medusa.train.evaluate import evaluate_heads, generate_mtbench_answers
-    from vllm_medusa.train.features import extract_features, load_features
-    from vllm_medusa.train.trainer import TrainConfig, train_heads
-
     from vllm_medusa.demo import cache_root
+    from vllm_medusa.heads import save_medusa_heads
+    from vllm_medusa.train.evaluate import evaluate_heads, mtbench_eval_data
+    from vllm_medusa.train.features import load_features
+    from vllm_medusa.train.trainer import TrainConfig, train_heads
 
     model = args.model or default_model()
     eval_dir = Path(args.eval_dir) if args.eval_dir else cache_root() / "train" / Path(model).name
-    answers = generate_mtbench_answers(model, eval_dir / "mtbench-answers.jsonl", max_tokens=args.eval_max_tokens)
-    eval_features = extract_features(model, answers, eval_dir / "mtbench-features", desc="mt-bench features")
+    answers, eval_features = mtbench_eval_data(model, eval_dir, max_tokens=args.eval_max_tokens)
 
     out = results_dir(args.out, args.name)
     result_file = out / "learning_curve.json"
@@ -77,10 +75,13 @@ def main() -> None:
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     targets = args.targets.split(",")
     runs = [(name, t, size) for name in sources for size in sizes for t in targets]
+    loaded: dict[str, Any] = {}  # each features directory read once, not once per point
     for name, kind, size in tqdm(runs, desc="learning curve", unit="point"):
         if (name, kind, size) in done:
             continue
-        feats = load_features(sources[name])
+        if name not in loaded:
+            loaded = {name: load_features(sources[name])}  # runs are grouped by source: keep one in memory
+        feats = loaded[name]
         n_records = int((torch.cumsum(feats.lengths, 0) < size).sum()) + 1
         if n_records > len(feats.lengths):
             print(f"{name}: {int(feats.lengths.sum())} answer tokens, fewer than {size}: skipped")

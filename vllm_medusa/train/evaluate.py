@@ -158,8 +158,15 @@ def evaluate(model: str | os.PathLike, heads_dir: str | os.PathLike, work_dir: s
              max_tokens: int = 256, tree_budget: int = DEFAULT_TREE_BUDGET, kv_cache_gb: int = 4,
              dtype: str = "auto") -> dict[str, Any]:
     """MT-Bench answers -> features -> accuracies, tree.json, accuracies.json (all cached in work_dir)."""
+    data, feats = mtbench_eval_data(model, work_dir, max_tokens=max_tokens, kv_cache_gb=kv_cache_gb, dtype=dtype)
+    return evaluate_heads(model, heads_dir, feats, tree_budget=tree_budget, answers_file=data)
+
+
+def mtbench_eval_data(model: str | os.PathLike, work_dir: str | os.PathLike, *, max_tokens: int = 256,
+                      kv_cache_gb: int = 4, dtype: str = "auto") -> tuple[Path, Path]:
+    """The held-out set every evaluation uses, cached in ``work_dir``: the base model's greedy
+    MT-Bench answers and their features directory."""
     work = Path(work_dir)
     data = generate_mtbench_answers(model, work / "mtbench-answers.jsonl", max_tokens=max_tokens,
                                     kv_cache_gb=kv_cache_gb, dtype=dtype)
-    feats = extract_features(model, data, work / "mtbench-features", desc="mt-bench features")
-    return evaluate_heads(model, heads_dir, feats, tree_budget=tree_budget, answers_file=data)
+    return data, extract_features(model, data, work / "mtbench-features", desc="mt-bench features")
