@@ -325,3 +325,62 @@ def test_sharegpt_text_records_answer_the_distill_prompts(tiny, tmp_path):
         assert prompts[r["id"]] == r["prompt_token_ids"]
         assert 0 < len(r["output_token_ids"]) <= 32
     assert any(r["finish_reason"] == "length" for r in recs)
+
+
+def test_archive_round_trip_restores_a_fresh_work_dir(tmp_path):
+    """Complete chunks go into deterministic gzipped shards; a fresh work dir gets them back and keeps
+    its own unarchived records; an archive of another run is refused."""
+    from vllm_medusa.train.distill import archive_records, read_records, restore_records
+
+    recs = synthetic_records(7)
+    data = tmp_path / "work" / "distill.jsonl"
+    data.parent.mkdir()
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    archive = tmp_path / "archive"
+    shards = archive_records(data, archive, shard_records=3)
+    assert [p.name for p in shards] == ["part-00000.jsonl.gz", "part-00001.jsonl.gz"]
+    first = shards[0].read_bytes()
+    assert archive_records(data, archive, shard_records=3) == []
+    assert shards[0].read_bytes() == first
+
+    fresh = tmp_path / "fresh" / "distill.jsonl"
+    assert restore_records(archive, fresh) == 6
+    assert read_records(fresh) == recs[:6]
+    assert restore_records(archive, fresh) == 0
+
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs[6:]))
+    assert restore_records(archive, data) == 6
+    assert read_records(data) == recs
+
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps(r) + "\n" for r in recs[:3][::-1]))
+    with pytest.raises(ValueError, match="part-00000"):
+        archive_records(other, archive, shard_records=3)
+
+
+def test_later_turns_follow_all_first_turns_with_their_history(tiny):
+    """First turns keep their ids and order (a resumed run extends the same list); second turns come
+    next with the conversation so far; broken alternation and overlong prompts are skipped."""
+    from transformers import AutoTokenizer
+
+    from vllm_medusa.train.distill import _answer_turn, iter_sharegpt_prompts
+
+    tok = AutoTokenizer.from_pretrained(str(tiny))
+
+    def conv(*texts):
+        return {"conversations": [{"from": "human" if k % 2 == 0 else "gpt", "value": t}
+                                  for k, t in enumerate(texts)]}
+
+    convs = [conv("a?", "A.", "b?", "B.", "c?"), conv("d?"), conv("a?", "A2.", "e?"),
+             {"conversations": [{"from": "human", "value": "f?"}, {"from": "human", "value": "g?"},
+                                {"from": "gpt", "value": "G."}]},
+             conv("x " * 600, "y.", "z?")]
+    prompts = list(iter_sharegpt_prompts(tok, convs, max_prompt_tokens=256))
+    ids = [p.id for p in prompts]
+    assert ids == ["sharegpt-0", "sharegpt-1", "sharegpt-3", "sharegpt-0-t1", "sharegpt-2-t1", "sharegpt-0-t2"]
+    history = tok.apply_chat_template([{"role": "user", "content": "a?"}, {"role": "assistant", "content": "A."},
+                                       {"role": "user", "content": "b?"}], tokenize=True, add_generation_prompt=True)
+    if hasattr(history, "keys"):
+        history = history["input_ids"]
+    assert prompts[3].token_ids == list(history)
+    assert _answer_turn("sharegpt-0") == (0, 1) and _answer_turn("sharegpt-12-t2") == (12, 5)

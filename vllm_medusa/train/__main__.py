@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--labels", choices=("answer", "model"), default="answer",
                         help="what heads learn: the answers' tokens, or the model's own greedy token "
                              "at each position of them (teacher-forced, from the same forward pass)")
+    common.add_argument("--archive", help="directory of gzipped record shards to keep in git: restored into "
+                        "the work dir before any stage, and distill adds each finished chunk of 512 answers")
     common.add_argument("--base-model-name", help="base_model_name_or_path written with the heads "
                                                   "(default: the model path; the hub id for 'demo')")
 
@@ -173,6 +175,13 @@ def run(argv: Sequence[str] | None = None) -> int:
 
     base_name = args.base_model_name or (DEMO_HUB_ID if args.model == "demo" else str(model))
 
+    if args.archive and cmd not in ("convert", "compare"):
+        from .distill import restore_records
+
+        restored = restore_records(args.archive, data_file)
+        if restored:
+            print(f"restored {restored} records from {args.archive} into {data_file}")
+
     if cmd in ("all", "distill"):
         from .distill import distill, read_records, sharegpt_text, summarize
 
@@ -185,7 +194,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                 distill(model, data_file, num_samples=args.num_samples, max_tokens=args.max_tokens,
                         max_prompt_tokens=args.max_prompt_tokens, temperature=args.temperature,
                         max_num_seqs=args.max_num_seqs, kv_cache_gb=args.kv_cache_gb,
-                        seed=getattr(args, "seed", 0), dtype=args.distill_dtype)
+                        seed=getattr(args, "seed", 0), dtype=args.distill_dtype, archive_dir=args.archive)
             records = read_records(data_file)
             info["data"] = summarize(records)
             info["cached"] = len(records) == before

@@ -3,7 +3,8 @@
 Medusa heads must predict what *this* model will say next, so they are trained on its own outputs
 (Medusa paper, section 3.3) rather than on the human answers of the data set. Answers are written
 to a jsonl file, one record per prompt, appended chunk by chunk so an interrupted run resumes where
-it stopped. ``sharegpt_text`` writes the same prompts with the data set's own answers instead (no
+it stopped; ``archive_records`` copies complete chunks into gzipped shards that can be committed, and
+``restore_records`` brings them back on a fresh machine. ``sharegpt_text`` writes the same prompts with the data set's own answers instead (no
 generation): with ``features --labels model`` the labels are still the model's own tokens, taken
 teacher-forced along that text, which costs one forward pass instead of decoding:
 
@@ -12,13 +13,14 @@ teacher-forced along that text, which costs one forward pass instead of decoding
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import json
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
@@ -53,26 +55,99 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     return out
 
 
-def _chat_ids(tokenizer: Any, message: str) -> list[int]:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=True,
-                                        add_generation_prompt=True)
+SHARD_RECORDS = 512
+
+
+def _shard_path(archive_dir: Path, index: int) -> Path:
+    return archive_dir / f"part-{index:05d}.jsonl.gz"
+
+
+def _read_shard(path: Path) -> list[dict[str, Any]]:
+    with gzip.open(path, "rt") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def archive_records(records_file: str | os.PathLike, archive_dir: str | os.PathLike,
+                    shard_records: int = SHARD_RECORDS) -> list[Path]:
+    """Copy each complete run of ``shard_records`` records of ``records_file`` not yet archived into
+    ``archive_dir/part-NNNNN.jsonl.gz``; returns the new shards.
+
+    Generation is the expensive stage (hours on a CPU) and the work dir is a cache, so the records
+    are kept in a form small enough to commit. The bytes are deterministic (gzip mtime 0), so
+    re-archiving the same records changes nothing; an existing shard whose ids differ from the file's
+    is an error rather than a silent mix of two runs.
+    """
+    archive_dir = Path(archive_dir)
+    records = read_records(records_file)
+    new = []
+    for index in range(len(records) // shard_records):
+        chunk = records[index * shard_records:(index + 1) * shard_records]
+        path = _shard_path(archive_dir, index)
+        if path.is_file():
+            have = [r["id"] for r in _read_shard(path)]
+            if have != [r["id"] for r in chunk]:
+                raise ValueError(f"{path} holds other records than {records_file} (first id {have[:1]} vs "
+                                 f"{chunk[0]['id']!r}): archive into a fresh directory")
+            continue
+        archive_dir.mkdir(parents=True, exist_ok=True)
+        payload = "".join(json.dumps(r) + "\n" for r in chunk).encode()
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as fh:
+            fh.write(payload)
+        os.replace(tmp, path)
+        new.append(path)
+    return new
+
+
+def restore_records(archive_dir: str | os.PathLike, records_file: str | os.PathLike) -> int:
+    """Rebuild ``records_file`` from the archived shards when they hold records it lacks (a fresh
+    machine), keeping its own records that are not archived; returns the records restored."""
+    archive_dir, records_file = Path(archive_dir), Path(records_file)
+    shards = sorted(archive_dir.glob("part-*.jsonl.gz"))
+    archived = [r for path in shards for r in _read_shard(path)]
+    local = read_records(records_file)
+    have = {r["id"] for r in local}
+    missing = [r for r in archived if r["id"] not in have]
+    if not missing:
+        return 0
+    ids = {r["id"] for r in archived}
+    records = archived + [r for r in local if r["id"] not in ids]
+    records_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = records_file.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, records_file)
+    return len(missing)
+
+
+def _chat_ids(tokenizer: Any, message: str | Sequence[dict[str, str]]) -> list[int]:
+    messages = [{"role": "user", "content": message}] if isinstance(message, str) else list(message)
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     if hasattr(ids, "keys") and "input_ids" in ids:
         ids = ids["input_ids"]
     return list(ids)
 
 
 def sharegpt_prompts(tokenizer: Any, num_samples: int, max_prompt_tokens: int) -> list[Prompt]:
-    """First human turns of ShareGPT, chat-formatted and tokenized, skipping duplicates and prompts
-    longer than ``max_prompt_tokens`` (long prompts cost prefill time and teach the heads little)."""
+    """ShareGPT prompts, chat-formatted and tokenized: see ``iter_sharegpt_prompts``."""
     from vllm_medusa.data import load_sharegpt
 
     return list(itertools.islice(iter_sharegpt_prompts(tokenizer, load_sharegpt(), max_prompt_tokens),
                                  num_samples))
 
 
+_ROLES = {"human": "user", "gpt": "assistant"}
+
+
 def iter_sharegpt_prompts(tokenizer: Any, conversations: Sequence[dict[str, Any]],
                           max_prompt_tokens: int) -> Iterator[Prompt]:
-    """``sharegpt_prompts`` one at a time; ``Prompt.id`` is ``sharegpt-<index in conversations>``."""
+    """Every distinct first human turn (``Prompt.id`` ``sharegpt-<index in conversations>``), then
+    the later human turns with the conversation so far as history (``sharegpt-<index>-t<turn>``,
+    all second turns before any third), skipping duplicates and prompts longer than
+    ``max_prompt_tokens`` (long prompts cost prefill time and teach the heads little).
+
+    First turns alone give about 1.8M answer tokens at 256; later turns extend that. The order is
+    fixed, first turns first, so a run resumed with a larger ``num_samples`` extends the same list.
+    """
     seen: set[str] = set()
     for i, conv in enumerate(conversations):
         turns = conv.get("conversations") or []
@@ -85,6 +160,41 @@ def iter_sharegpt_prompts(tokenizer: Any, conversations: Sequence[dict[str, Any]
         ids = _chat_ids(tokenizer, text)
         if len(ids) <= max_prompt_tokens:
             yield Prompt(f"sharegpt-{i}", ids)
+    seen_histories: set[tuple[str, ...]] = set()
+    max_turn = max((len(c.get("conversations") or []) - 1) // 2 for c in conversations) if conversations else 0
+    for turn in range(1, max_turn + 1):
+        for i, conv in enumerate(conversations):
+            messages = _history(conv.get("conversations") or [], turn)
+            if messages is None:
+                continue
+            key = tuple(m["content"] for m in messages)
+            if key in seen_histories:
+                continue
+            seen_histories.add(key)
+            ids = _chat_ids(tokenizer, messages)
+            if len(ids) <= max_prompt_tokens:
+                yield Prompt(f"sharegpt-{i}-t{turn}", ids)
+
+
+def _history(turns: Sequence[dict[str, Any]], turn: int) -> list[dict[str, str]] | None:
+    """The messages up to human turn ``turn`` (0-based), or None unless the turns alternate human,
+    gpt, ... with text up to there."""
+    if len(turns) < 2 * turn + 1:
+        return None
+    messages = []
+    for k, t in enumerate(turns[:2 * turn + 1]):
+        role = _ROLES.get(t.get("from", ""))
+        text = (t.get("value") or "").strip()
+        if role != ("user" if k % 2 == 0 else "assistant") or not text:
+            return None
+        messages.append({"role": role, "content": text})
+    return messages
+
+
+def _answer_turn(prompt_id: str) -> tuple[int, int]:
+    """(conversation index, index of the answering turn) of a ShareGPT prompt id."""
+    index, _, turn = prompt_id.removeprefix("sharegpt-").partition("-t")
+    return int(index), 2 * int(turn or 0) + 1
 
 
 def mtbench_prompts(tokenizer: Any, turns: Sequence[int] = (0, 1)) -> list[Prompt]:
@@ -121,8 +231,9 @@ def shutdown_engine(llm: Any) -> None:
 
 def generate_answers(llm: Any, prompts: Sequence[Prompt], out_file: str | os.PathLike, *,
                      max_tokens: int = 256, temperature: float = 0.0, chunk_size: int = 256,
-                     seed: int = 0, desc: str = "distill") -> Path:
-    """Generate answers for the prompts not yet in ``out_file`` and append them, chunk by chunk."""
+                     seed: int = 0, desc: str = "distill", on_chunk: Callable[[], Any] | None = None) -> Path:
+    """Generate answers for the prompts not yet in ``out_file`` and append them, chunk by chunk
+    (``on_chunk`` runs after each chunk is on disk)."""
     from vllm import SamplingParams
 
     out_file = Path(out_file)
@@ -143,6 +254,8 @@ def generate_answers(llm: Any, prompts: Sequence[Prompt], out_file: str | os.Pat
                 fh.write(json.dumps(rec) + "\n")
                 n_tokens += len(comp.token_ids)
             fh.flush()
+            if on_chunk is not None:
+                on_chunk()
             bar.update(len(chunk))
             bar.set_postfix(tokens=n_tokens)
     bar.close()
@@ -162,15 +275,18 @@ def distill_dtype() -> str:
 def distill(model: str | os.PathLike, out_file: str | os.PathLike, *, num_samples: int = 2000,
             max_tokens: int = 256, max_prompt_tokens: int = 512, temperature: float = 0.0,
             chunk_size: int | None = None, max_num_seqs: int = 128, kv_cache_gb: int = 4, seed: int = 0,
-            dtype: str | None = None) -> Path:
+            dtype: str | None = None, archive_dir: str | os.PathLike | None = None) -> Path:
     """Generate (or finish generating) ``num_samples`` self-distilled ShareGPT answers.
 
     ``dtype``: the engine's dtype, by default ``distill_dtype()``. ``chunk_size`` (default 4 x
     ``max_num_seqs``): prompts per ``generate`` call, the unit of resumption; the batch drains at
-    the end of each chunk, so larger chunks keep it fuller.
+    the end of each chunk, so larger chunks keep it fuller. ``archive_dir``: restore from and
+    archive into these shards (``archive_records``) as chunks finish.
     """
     from transformers import AutoTokenizer
 
+    if archive_dir is not None:
+        restore_records(archive_dir, out_file)
     tokenizer = AutoTokenizer.from_pretrained(str(model))
     prompts = sharegpt_prompts(tokenizer, num_samples, max_prompt_tokens)
     done = {r["id"] for r in read_records(out_file)}
@@ -180,15 +296,16 @@ def distill(model: str | os.PathLike, out_file: str | os.PathLike, *, num_sample
                     kv_cache_gb=kv_cache_gb, seed=seed, dtype=dtype or distill_dtype())
     try:
         return generate_answers(llm, prompts, out_file, max_tokens=max_tokens, temperature=temperature,
-                                chunk_size=chunk_size or 4 * max_num_seqs, seed=seed)
+                                chunk_size=chunk_size or 4 * max_num_seqs, seed=seed,
+                                on_chunk=None if archive_dir is None else lambda: archive_records(out_file, archive_dir))
     finally:
         shutdown_engine(llm)
 
 
 def sharegpt_text(model: str | os.PathLike, out_file: str | os.PathLike, *, num_samples: int = 2000,
                   max_tokens: int = 256, max_prompt_tokens: int = 512) -> Path:
-    """Records of the first ``num_samples`` ShareGPT first turns (the prompts ``distill`` answers)
-    with the data set's own first answer, cut to ``max_tokens``; prompts without one are skipped."""
+    """Records of the first ``num_samples`` ShareGPT prompts (the ones ``distill`` answers) with the
+    data set's own answer to them, cut to ``max_tokens``; prompts without one are skipped."""
     from transformers import AutoTokenizer
 
     from vllm_medusa.data import load_sharegpt
@@ -201,8 +318,9 @@ def sharegpt_text(model: str | os.PathLike, out_file: str | os.PathLike, *, num_
     records = []
     for prompt in tqdm(iter_sharegpt_prompts(tokenizer, conversations, max_prompt_tokens), total=num_samples,
                        desc="sharegpt text", unit="prompt", mininterval=0.5 if sys.stderr.isatty() else 30):
-        turns = conversations[int(prompt.id.removeprefix("sharegpt-"))]["conversations"]
-        answer = (turns[1].get("value") or "").strip() if len(turns) > 1 and turns[1].get("from") == "gpt" else ""
+        index, k = _answer_turn(prompt.id)
+        turns = conversations[index]["conversations"]
+        answer = (turns[k].get("value") or "").strip() if len(turns) > k and turns[k].get("from") == "gpt" else ""
         if not answer:
             continue
         ids = tokenizer(answer + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
