@@ -275,6 +275,32 @@ def test_features_resume_and_limit(tiny, tmp_path):
     assert feats.lengths.numel() == 7 and feats.ids == [f"syn-{i}" for i in range(7)]
     assert (d / "shard-00000.pt").stat().st_mtime_ns == first
 
+    extract_features(tiny, data, d, dtype=torch.float32, shard_size=3, start=3)
+    tail = load_features(d)
+    assert tail.ids == feats.ids[3:]
+    torch.testing.assert_close(tail.hidden, feats.hidden[int(feats.lengths[:3].sum()):])
+    with pytest.raises(ValueError, match="multiple of shard_size"):
+        extract_features(tiny, data, d, dtype=torch.float32, shard_size=3, start=2)
+
+
+def test_training_continues_from_earlier_heads(features_dir, tmp_path):
+    """--init-heads: training starts from the given heads' blocks (unchanged at lr 0) and goes on
+    lowering the loss from there; heads of another shape are refused by name."""
+    feats = load_features(features_dir)
+    vocab, hidden = feats.lm_head.shape
+    cfg = TrainConfig(num_heads=NUM_HEADS, lr=3e-3, batch_size=64, compute_dtype="float32", heldout_fraction=0.0)
+    first = train_heads(feats.prefix(6), cfg, max_steps=20, progress=False)
+    save_medusa_heads(first.heads, tmp_path / "first", "tiny", dtype=torch.float32)
+    init = load_medusa_heads(tmp_path / "first", hidden_size=hidden, vocab_size=vocab, dtype=torch.float32)
+    frozen = train_heads(feats, TrainConfig(**{**cfg.__dict__, "lr": 0.0}), max_steps=2, progress=False, init=init)
+    torch.testing.assert_close(frozen.heads.block_weight, first.heads.block_weight)
+    go_on = train_heads(feats, cfg, max_steps=20, progress=False, init=init)
+    fresh = train_heads(feats, cfg, max_steps=20, progress=False)
+    assert go_on.loss_history[0] < fresh.loss_history[0]
+    assert go_on.final_train_loss < first.loss_history[0]
+    with pytest.raises(ValueError, match="heads, layers"):
+        train_heads(feats, TrainConfig(**{**cfg.__dict__, "num_heads": 2}), max_steps=1, progress=False, init=init)
+
 
 def test_training_md_keeps_hand_written_notes(tmp_path):
     from vllm_medusa.train.report import write_training_md

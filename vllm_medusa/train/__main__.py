@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     feat = argparse.ArgumentParser(add_help=False)
     g = feat.add_argument_group("features")
     g.add_argument("--feature-limit", type=int, help="cache features of only the first N answers")
+    g.add_argument("--feature-start", type=int, default=0,
+                   help="skip the first N answers (a multiple of 128): features of only the answers "
+                        "added since the heads given to --init-heads were trained")
     g.add_argument("--compute-dtype", choices=("bfloat16", "float32"), default=None,
                    help="the backbone's dtype for feature extraction (default: bfloat16, as stored); "
                         "float32 is faster on CPUs without native bf16")
@@ -99,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training softmax over the whole vocabulary, or only the answers' tokens (cheaper)")
     g.add_argument("--soft-targets", action="store_true",
                    help="learn the base model's distribution of each target token (KL), not only its token")
+    g.add_argument("--init-heads", help="continue training these heads (same architecture) instead of "
+                   "starting from identity blocks, e.g. on answers added since they were trained")
     g.add_argument("--max-steps", type=int, help="stop early (debugging)")
     g.add_argument("--seed", type=int, default=0)
 
@@ -208,7 +213,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         with log.stage("features", command) as info:
             import torch
 
-            extract_features(model, data_file, features_dir, limit=args.feature_limit, labels=args.labels,
+            extract_features(model, data_file, features_dir, limit=args.feature_limit,
+                             start=args.feature_start, labels=args.labels,
                              compute_dtype=getattr(torch, args.compute_dtype) if args.compute_dtype else None)
             info["cached"] = len(list(features_dir.glob("shard-*.pt"))) == before
             info["resumed"] = before > 0
@@ -227,7 +233,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         heads_out = out if recipe == "medusa-1" else warmup_heads
         with log.stage("train", command) as info:
             result = train_and_save(features_dir, heads_out, cfg, base_model_name_or_path=base_name,
-                                    max_steps=args.max_steps)
+                                    max_steps=args.max_steps, init_heads=args.init_heads)
             info.update(result.summary())
         print(f"train: {result.steps} steps, final loss {result.final_train_loss:.3f}, held-out top-1 "
               + "/".join(f"{row[0]:.3f}" for row in result.summary()["heldout_topk"])

@@ -103,7 +103,7 @@ def extract_features(model_path: str | os.PathLike, data_file: str | os.PathLike
                      out_dir: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,
                      compute_dtype: torch.dtype | None = None, labels: str = "answer",
                      shard_size: int = 128, max_batch_tokens: int = 8192, limit: int | None = None,
-                     desc: str = "features") -> Path:
+                     start: int = 0, desc: str = "features") -> Path:
     """Run the backbone over every (prompt, answer) record and cache the answer hidden states.
 
     ``labels``: what the heads learn to predict. ``"answer"``: the record's tokens (self-distilled
@@ -115,10 +115,14 @@ def extract_features(model_path: str | os.PathLike, data_file: str | os.PathLike
     float32 on CPUs without native bf16, while shards are stored in ``dtype``.
 
     Resumable: shards already on disk for the same data file, model and records are kept;
-    ``limit`` takes only the first records (a prefix, so its shards are shared with longer runs).
+    ``limit`` takes only the first records (a prefix, so its shards are shared with longer runs);
+    ``start`` (a multiple of ``shard_size``) skips the first ones, for continuing training on answers
+    added since (``train_heads(init=...)``) without recomputing the features of those trained on.
     """
     if labels not in LABELS:
         raise ValueError(f"labels must be one of {LABELS}, got {labels!r}")
+    if start % shard_size or start < 0:
+        raise ValueError(f"start must be a non-negative multiple of shard_size={shard_size}, got {start}")
     compute_dtype = compute_dtype or dtype
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,7 +138,10 @@ def extract_features(model_path: str | os.PathLike, data_file: str | os.PathLike
             f.unlink()
     meta_file.write_text(json.dumps(meta, indent=2) + "\n")
     n_shards = (len(records) + shard_size - 1) // shard_size
-    for s in range(n_shards):
+    first_shard = start // shard_size
+    if first_shard >= n_shards:
+        raise ValueError(f"start={start}: {data_file} has only {len(records)} answers")
+    for s in range(first_shard, n_shards):
         shard_file = out / f"shard-{s:05d}.pt"
         want = [r["id"] for r in records[s * shard_size:(s + 1) * shard_size]]
         if shard_file.is_file() and torch.load(shard_file, weights_only=True)["ids"] != want:
@@ -142,13 +149,13 @@ def extract_features(model_path: str | os.PathLike, data_file: str | os.PathLike
     decoder, model = load_backbone(model_path, compute_dtype)
     lm_head = model.get_output_embeddings().weight.detach()
     meta.update(hidden_size=int(lm_head.shape[1]), vocab_size=int(lm_head.shape[0]), num_shards=n_shards,
-                num_records=len(records))
+                first_shard=first_shard, num_records=len(records) - start)
     torch.save(lm_head.to(dtype).clone(), out / "lm_head.pt")
     torch.save(model.get_input_embeddings().weight.detach().to(dtype).clone(), out / "embed_tokens.pt")
-    total = sum(_seq_len(r) for r in records)
+    total = sum(_seq_len(r) for r in records[start:])
     bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True,
                mininterval=0.5 if sys.stderr.isatty() else 30)
-    for s in range(n_shards):
+    for s in range(first_shard, n_shards):
         chunk = records[s * shard_size:(s + 1) * shard_size]
         shard_file = out / f"shard-{s:05d}.pt"
         if not shard_file.is_file():
@@ -221,12 +228,13 @@ class Features:
 
 
 def load_features(features_dir: str | os.PathLike) -> Features:
-    """Concatenate every shard of a features directory."""
+    """Concatenate the shards of a features directory (from ``first_shard`` on, see ``start``)."""
     d = Path(features_dir)
     meta = json.loads((d / "meta.json").read_text())
     if "num_shards" not in meta:
         raise ValueError(f"{d}: feature extraction did not finish (rerun the features stage)")
-    shards = [torch.load(d / f"shard-{s:05d}.pt", weights_only=True) for s in range(meta["num_shards"])]
+    shards = [torch.load(d / f"shard-{s:05d}.pt", weights_only=True)
+              for s in range(meta.get("first_shard", 0), meta["num_shards"])]
     if not shards:
         raise ValueError(f"{d}: no feature shards")
     return Features(hidden=torch.cat([s["hidden"] for s in shards]),

@@ -154,8 +154,15 @@ def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
 
 
 def train_heads(features: Features | str | os.PathLike, config: TrainConfig | None = None, *,
-                max_steps: int | None = None, progress: bool = True) -> TrainResult:
-    """Train Medusa heads on cached features; returns the heads and held-out metrics."""
+                max_steps: int | None = None, progress: bool = True,
+                init: MedusaHeads | None = None) -> TrainResult:
+    """Train Medusa heads on cached features; returns the heads and held-out metrics.
+
+    ``init``: heads to continue from (trained on earlier answers) instead of the identity blocks, so
+    a data set that grows by the hour is trained in one pass, chunk by chunk, and no machine has to
+    hold or recompute the features of all of it (one epoch over each chunk; the learning rate warms
+    up and decays again per chunk).
+    """
     cfg = config or TrainConfig()
     feats = features if isinstance(features, Features) else load_features(features)
     cdtype = getattr(torch, cfg.compute_dtype)
@@ -179,7 +186,10 @@ def train_heads(features: Features | str | os.PathLike, config: TrainConfig | No
 
     if cfg.token_conditioned:
         embeds(train_rows[:1])  # fail now, not after the first epoch, if the cache lacks them
-    heads.zero_blocks()
+    if init is None:
+        heads.zero_blocks()
+    else:
+        _copy_blocks(init, heads)
     lm_head = feats.lm_head.to(cdtype)
     if not cfg.shared_lm_head:
         with torch.no_grad():
@@ -273,12 +283,35 @@ def train_heads(features: Features | str | os.PathLike, config: TrainConfig | No
                        seconds=time.time() - t0, softmax_size=int(train_proj.shape[0]))
 
 
+def _copy_blocks(src: MedusaHeads, dst: MedusaHeads) -> None:
+    """Start ``dst`` from ``src``'s residual blocks; the shapes must match (a clear error if not)."""
+    want = (dst.num_heads, dst.num_layers, dst.hidden_size, dst.token_conditioned)
+    got = (src.num_heads, src.num_layers, src.hidden_size, src.token_conditioned)
+    if got != want:
+        raise ValueError("heads to continue from have (heads, layers, hidden size, token-conditioned) = "
+                         f"{got}, the training settings ask for {want}")
+    if (src.block_bias is None) != (dst.block_bias is None) or not src.shared_lm_head:
+        raise ValueError("heads to continue from must have block biases and the shared lm_head")
+    with torch.no_grad():
+        dst.block_weight.copy_(src.block_weight)
+        dst.block_bias.copy_(src.block_bias)
+        if dst.token_weight is not None:
+            dst.token_weight.copy_(src.token_weight)
+
+
 def train_and_save(features_dir: str | os.PathLike, out_dir: str | os.PathLike,
                    config: TrainConfig | None = None, *, base_model_name_or_path: str | None = None,
-                   max_steps: int | None = None) -> TrainResult:
-    """Train, then write the heads in the FasterDecoding layout (bf16) to ``out_dir``."""
+                   max_steps: int | None = None, init_heads: str | os.PathLike | None = None) -> TrainResult:
+    """Train (continuing from the heads in ``init_heads``, if given), then write the heads in the
+    FasterDecoding layout (bf16) to ``out_dir``."""
     feats = load_features(features_dir)
-    result = train_heads(feats, config, max_steps=max_steps)
+    init = None
+    if init_heads is not None:
+        from ..head_checkpoints import load_medusa_heads
+
+        vocab, hidden = feats.lm_head.shape
+        init = load_medusa_heads(init_heads, hidden_size=int(hidden), vocab_size=int(vocab), dtype=torch.float32)
+    result = train_heads(feats, config, max_steps=max_steps, init=init)
     save_medusa_heads(result.heads, Path(out_dir), base_model_name_or_path or feats.meta["model"],
                       dtype=torch.bfloat16)
     return result
