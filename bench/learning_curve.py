@@ -7,8 +7,15 @@ larger set contains the smaller ones), then evaluates them on the base model's g
 answers as `train evaluate` does: top-1 per head, and the mean tokens per step that the heads'
 own 4- and 16-node trees (and the 4-node tree with the prompt-lookup branch) give when replayed.
 
+``--modes chained`` trains each point by continuing the previous point's heads (saved in bf16 and
+reloaded, as ``train train --init-heads`` does) on only the answers added since: the whole curve
+costs one pass over the data, and it measures how training continued chunk by chunk compares with
+training from scratch (``scratch``, the default) on the same answers.
+
     .venv/bin/python bench/learning_curve.py --data self-distilled=.cache/train/smollm2-135m-instruct/features \
         --sizes 60k,150k,300k --targets hard,soft
+    .venv/bin/python bench/learning_curve.py --data self-distilled=.cache/train/smollm2-135m-instruct/features \
+        --sizes 100k,200k,400k --modes scratch,chained
 
 Results (JSON, a markdown table, a PNG) go to bench/results/NAME/; a rerun with the same folder
 skips the points already there.
@@ -43,6 +50,8 @@ def main() -> None:
     p.add_argument("--sizes", default="60k", help="training answer tokens per point, e.g. 60k,300k,1M "
                                                  "(a size past what a directory holds is skipped)")
     p.add_argument("--targets", default="hard", help="hard (the greedy token), soft (the base distribution), or both")
+    p.add_argument("--modes", default="scratch", help="scratch (each point trained from identity blocks), "
+                   "chained (each point continues the previous one on the answers added since), or both")
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--eval-dir", default=None,
@@ -58,7 +67,7 @@ def main() -> None:
     from tqdm import tqdm
 
     from vllm_medusa.demo import cache_root
-    from vllm_medusa.heads import save_medusa_heads
+    from vllm_medusa.heads import load_medusa_heads, save_medusa_heads
     from vllm_medusa.train.evaluate import evaluate_heads, mtbench_eval_data
     from vllm_medusa.train.features import load_features
     from vllm_medusa.train.trainer import TrainConfig, train_heads
@@ -70,14 +79,18 @@ def main() -> None:
     out = results_dir(args.out, args.name)
     result_file = out / "learning_curve.json"
     points: list[dict[str, Any]] = json.loads(result_file.read_text())["points"] if result_file.is_file() else []
-    done = {(q["data"], q["targets"], q["size"]) for q in points}
+    for q in points:
+        q.setdefault("mode", "scratch")
+    done = {(q["data"], q["targets"], q["mode"], q["size"]) for q in points}
     sources = dict(item.split("=", 1) for item in args.data)
-    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    sizes = sorted(parse_size(s) for s in args.sizes.split(","))
     targets = args.targets.split(",")
-    runs = [(name, t, size) for name in sources for size in sizes for t in targets]
+    runs = [(name, t, mode, size) for name in sources for t in targets for mode in args.modes.split(",")
+            for size in sizes]
     loaded: dict[str, Any] = {}  # each features directory read once, not once per point
-    for name, kind, size in tqdm(runs, desc="learning curve", unit="point"):
-        if (name, kind, size) in done:
+    for name, kind, mode, size in tqdm(runs, desc="learning curve", unit="point"):
+        chain_dir = out / f"heads-{name}-{kind}-chained-{size}"
+        if (name, kind, mode, size) in done:
             continue
         if name not in loaded:
             loaded = {name: load_features(sources[name])}  # runs are grouped by source: keep one in memory
@@ -89,13 +102,25 @@ def main() -> None:
         cfg = TrainConfig(num_heads=5, num_layers=args.layers, lr=3e-3, epochs=args.epochs, batch_size=256,
                           heldout_fraction=0.02, softmax_vocab="data", draft_vocab=4096,
                           token_conditioned=True, soft_targets=kind == "soft")
+        init, start = None, 0
+        if mode == "chained":
+            earlier = [q for q in points if (q["data"], q["targets"], q["mode"]) == (name, kind, mode)
+                       and q["size"] < size]
+            if earlier:
+                last = max(earlier, key=lambda q: q["size"])
+                vocab, hidden = feats.lm_head.shape
+                init = load_medusa_heads(out / f"heads-{name}-{kind}-chained-{last['size']}",
+                                         hidden_size=int(hidden), vocab_size=int(vocab), dtype=torch.float32)
+                start = last["records"]
         t0 = time.time()
-        result = train_heads(feats.prefix(n_records), cfg)
+        result = train_heads(feats.slice(start, n_records), cfg, init=init)
         seconds = time.time() - t0
         with tempfile.TemporaryDirectory() as tmp:
-            save_medusa_heads(result.heads, Path(tmp), model, dtype=torch.bfloat16)
-            ev = evaluate_heads(model, tmp, eval_features, write=False, answers_file=answers)
-        points.append({"data": name, "targets": kind, "size": size, "records": n_records,
+            heads_dir = chain_dir if mode == "chained" else Path(tmp)
+            save_medusa_heads(result.heads, heads_dir, model, dtype=torch.bfloat16)
+            ev = evaluate_heads(model, heads_dir, eval_features, write=False, answers_file=answers)
+        points.append({"data": name, "targets": kind, "mode": mode, "size": size, "records": n_records,
+                       "answer_tokens": int(feats.lengths[:n_records].sum()),
                        "train_positions": result.train_positions, "train_seconds": round(seconds, 1),
                        "top1": [row[0] for row in ev["topk"]],
                        "per_step_4": ev["budgets"][4]["per_step"], "per_step_16": ev["budgets"][16]["per_step"],
@@ -107,6 +132,12 @@ def main() -> None:
     print((out / "learning_curve.md").read_text())
 
 
+def _tokens(point: dict[str, Any]) -> int:
+    """Answer tokens the point's heads have seen (a chained point's ``train_positions`` counts only
+    its own chunk)."""
+    return point.get("answer_tokens", point["train_positions"])
+
+
 def write_outputs(out: Path, points: list[dict[str, Any]]) -> None:
     """The table and the plot (head-0 top-1 and 16-node acceptance against training tokens)."""
     import matplotlib
@@ -114,17 +145,18 @@ def write_outputs(out: Path, points: list[dict[str, Any]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = sorted(points, key=lambda q: (q["data"], q["targets"], q["size"]))
-    rows = [[q["data"], q["targets"], f"{q['train_positions'] / 1e3:.0f}k", f"{q['top1'][0]:.3f}",
+    points = sorted(points, key=lambda q: (q["data"], q["targets"], q.get("mode", "scratch"), q["size"]))
+    rows = [[q["data"], q["targets"], q.get("mode", "scratch"), f"{q['records']}", f"{_tokens(q) / 1e3:.0f}k",
+             f"{q['top1'][0]:.3f}",
              f"{q['top1'][1]:.3f}", f"{q['per_step_4']:.3f}", f"{q['per_step_16']:.3f}",
              f"{q['per_step_4_lookup']:.3f}", f"{q['train_seconds'] / 60:.1f}"] for q in points]
-    header = ["data", "targets", "training tokens", "head-0 top-1", "head-1 top-1", "4 nodes", "16 nodes",
-              "4 nodes + lookup", "train min"]
+    header = ["data", "targets", "mode", "answers", "answer tokens", "head-0 top-1", "head-1 top-1", "4 nodes",
+              "16 nodes", "4 nodes + lookup", "train min"]
     (out / "learning_curve.md").write_text(md_table(header, rows) + "\n")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for key in sorted({(q["data"], q["targets"]) for q in points}):
-        line = [q for q in points if (q["data"], q["targets"]) == key]
-        xs = [q["train_positions"] for q in line]
+    for key in sorted({(q["data"], q["targets"], q.get("mode", "scratch")) for q in points}):
+        line = [q for q in points if (q["data"], q["targets"], q.get("mode", "scratch")) == key]
+        xs = [_tokens(q) for q in line]
         axes[0].plot(xs, [q["top1"][0] for q in line], "o-", label=" / ".join(key))
         axes[1].plot(xs, [q["per_step_16"] for q in line], "o-", label=" / ".join(key))
     for ax, title in zip(axes, ("head-0 top-1 (MT-Bench)", "tokens per step, 16-node tree (replayed)")):

@@ -212,10 +212,14 @@ class Features:
 
     def prefix(self, num_records: int) -> "Features":
         """The first ``num_records`` records (a learning curve's smaller training sets)."""
-        rows = int(self.lengths[:num_records].sum())
-        return Features(hidden=self.hidden[:rows], tokens=self.tokens[:rows], lengths=self.lengths[:num_records],
-                        ids=self.ids[:num_records], lm_head=self.lm_head, meta=self.meta,
-                        embed_tokens=self.embed_tokens)
+        return self.slice(0, num_records)
+
+    def slice(self, start: int, stop: int) -> "Features":
+        """Records ``start`` to ``stop`` (training continued on the answers added since ``start``)."""
+        first, last = int(self.lengths[:start].sum()), int(self.lengths[:stop].sum())
+        return Features(hidden=self.hidden[first:last], tokens=self.tokens[first:last],
+                        lengths=self.lengths[start:stop], ids=self.ids[start:stop], lm_head=self.lm_head,
+                        meta=self.meta, embed_tokens=self.embed_tokens)
 
     def record_rows(self, record_indices: torch.Tensor) -> torch.Tensor:
         """Row indices of the given records."""
