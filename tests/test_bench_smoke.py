@@ -100,8 +100,9 @@ def test_online_smoke(tmp_path: Path, heads: Path) -> None:
 
 @pytest.mark.engine
 def test_learning_curve_smoke(tmp_path: Path) -> None:
-    """Tiny model, synthetic answers: every (size, targets) point is trained, evaluated on the tiny
-    model's MT-Bench answers and lands in the JSON, the table and the plot; a rerun skips them."""
+    """Tiny model, synthetic answers: every (size, targets, mode) point is trained, evaluated on the
+    tiny model's MT-Bench answers and lands in the JSON, the table and the plot; a rerun skips them.
+    A chained point trains on only the answers added since the previous one."""
     import torch
 
     from tests.test_training import synthetic_records
@@ -115,17 +116,25 @@ def test_learning_curve_smoke(tmp_path: Path) -> None:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     cmd = [sys.executable, str(REPO / "bench" / "learning_curve.py"), "--model", str(tiny),
            "--data", f"syn={feats}", "--sizes", "200,500,1M", "--targets", "hard,soft",
+           "--modes", "scratch,chained",
            "--eval-dir", str(tmp_path / "eval"), "--eval-max-tokens", "8", "--out", str(tmp_path / "out")]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     points = json.loads((tmp_path / "out" / "learning_curve.json").read_text())["points"]
-    assert {(q["targets"], q["size"]) for q in points} == {(t, s) for t in ("hard", "soft") for s in (200, 500)}
+    assert {(q["targets"], q["mode"], q["size"]) for q in points} == {
+        (t, m, s) for t in ("hard", "soft") for m in ("scratch", "chained") for s in (200, 500)}
     assert "fewer than 1000000: skipped" in proc.stdout
     for q in points:
         assert q["train_positions"] > 0 and len(q["top1"]) == 5 and q["per_step_16"] >= 1.0
-    small = [q["train_positions"] for q in points if q["size"] == 200]
-    assert max(small) < min(q["train_positions"] for q in points if q["size"] == 500)
+    def point(targets, mode, size):
+        return next(q for q in points if (q["targets"], q["mode"], q["size"]) == (targets, mode, size))
+
+    for t in ("hard", "soft"):
+        assert point(t, "scratch", 200)["train_positions"] < point(t, "scratch", 500)["train_positions"]
+        assert point(t, "chained", 200)["top1"] == point(t, "scratch", 200)["top1"]
+        assert point(t, "chained", 500)["answer_tokens"] == point(t, "scratch", 500)["answer_tokens"]
+        assert point(t, "chained", 500)["train_positions"] < point(t, "scratch", 500)["train_positions"]
     assert (tmp_path / "out" / "learning_curve.png").stat().st_size > 0
-    assert "| syn | soft |" in (tmp_path / "out" / "learning_curve.md").read_text()
+    assert "| syn | soft | chained |" in (tmp_path / "out" / "learning_curve.md").read_text()
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and json.loads((tmp_path / "out" / "learning_curve.json").read_text())["points"] == points

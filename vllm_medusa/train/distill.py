@@ -3,10 +3,11 @@
 Medusa heads must predict what *this* model will say next, so they are trained on its own outputs
 (Medusa paper, section 3.3) rather than on the human answers of the data set. Answers are written
 to a jsonl file, one record per prompt, appended chunk by chunk so an interrupted run resumes where
-it stopped; ``archive_records`` copies complete chunks into gzipped shards that can be committed, and
-``restore_records`` brings them back on a fresh machine. ``sharegpt_text`` writes the same prompts with the data set's own answers instead (no
-generation): with ``features --labels model`` the labels are still the model's own tokens, taken
-teacher-forced along that text, which costs one forward pass instead of decoding:
+it stopped; ``archive_records`` copies complete chunks into gzipped shards that can be committed,
+and ``restore_records`` brings them back on a fresh machine. ``sharegpt_text`` writes the same
+prompts with the data set's own answers instead (no generation): with ``features --labels model``
+the labels are still the model's own tokens, taken teacher-forced along that text, which costs one
+forward pass instead of decoding:
 
     {"id": "sharegpt-17", "prompt_token_ids": [...], "output_token_ids": [...], "finish_reason": "stop"}
 """
@@ -161,10 +162,11 @@ def iter_sharegpt_prompts(tokenizer: Any, conversations: Sequence[dict[str, Any]
         if len(ids) <= max_prompt_tokens:
             yield Prompt(f"sharegpt-{i}", ids)
     seen_histories: set[tuple[str, ...]] = set()
+    too_long: set[int] = set()  # a history over the limit stays over it at every later turn
     max_turn = max((len(c.get("conversations") or []) - 1) // 2 for c in conversations) if conversations else 0
     for turn in range(1, max_turn + 1):
         for i, conv in enumerate(conversations):
-            messages = _history(conv.get("conversations") or [], turn)
+            messages = None if i in too_long else _history(conv.get("conversations") or [], turn)
             if messages is None:
                 continue
             key = tuple(m["content"] for m in messages)
@@ -174,6 +176,8 @@ def iter_sharegpt_prompts(tokenizer: Any, conversations: Sequence[dict[str, Any]
             ids = _chat_ids(tokenizer, messages)
             if len(ids) <= max_prompt_tokens:
                 yield Prompt(f"sharegpt-{i}-t{turn}", ids)
+            else:
+                too_long.add(i)
 
 
 def _history(turns: Sequence[dict[str, Any]], turn: int) -> list[dict[str, str]] | None:
