@@ -53,6 +53,8 @@ def main() -> None:
     p.add_argument("--modes", default="scratch", help="scratch (each point trained from identity blocks), "
                    "chained (each point continues the previous one on the answers added since), or both")
     p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of each point (a chained point "
+                   "continuing earlier heads included)")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--eval-dir", default=None,
                    help="folder with the MT-Bench answers and features of `train evaluate` (default: the "
@@ -99,7 +101,7 @@ def main() -> None:
         if n_records > len(feats.lengths):
             print(f"{name}: {int(feats.lengths.sum())} answer tokens, fewer than {size}: skipped")
             continue
-        cfg = TrainConfig(num_heads=5, num_layers=args.layers, lr=3e-3, epochs=args.epochs, batch_size=256,
+        cfg = TrainConfig(num_heads=5, num_layers=args.layers, lr=args.lr, epochs=args.epochs, batch_size=256,
                           heldout_fraction=0.02, softmax_vocab="data", draft_vocab=4096,
                           token_conditioned=True, soft_targets=kind == "soft")
         init, start = None, 0
@@ -119,7 +121,7 @@ def main() -> None:
             heads_dir = chain_dir if mode == "chained" else Path(tmp)
             save_medusa_heads(result.heads, heads_dir, model, dtype=torch.bfloat16)
             ev = evaluate_heads(model, heads_dir, eval_features, write=False, answers_file=answers)
-        points.append({"data": name, "targets": kind, "mode": mode, "size": size, "records": n_records,
+        points.append({"data": name, "targets": kind, "mode": mode, "lr": args.lr, "size": size, "records": n_records,
                        "answer_tokens": int(feats.lengths[:n_records].sum()),
                        "train_positions": result.train_positions, "train_seconds": round(seconds, 1),
                        "top1": [row[0] for row in ev["topk"]],
@@ -146,11 +148,11 @@ def write_outputs(out: Path, points: list[dict[str, Any]]) -> None:
     import matplotlib.pyplot as plt
 
     points = sorted(points, key=lambda q: (q["data"], q["targets"], q.get("mode", "scratch"), q["size"]))
-    rows = [[q["data"], q["targets"], q.get("mode", "scratch"), f"{q['records']}", f"{_tokens(q) / 1e3:.0f}k",
+    rows = [[q["data"], q["targets"], q.get("mode", "scratch"), f"{q.get('lr', 3e-3):g}", f"{q['records']}", f"{_tokens(q) / 1e3:.0f}k",
              f"{q['top1'][0]:.3f}",
              f"{q['top1'][1]:.3f}", f"{q['per_step_4']:.3f}", f"{q['per_step_16']:.3f}",
              f"{q['per_step_4_lookup']:.3f}", f"{q['train_seconds'] / 60:.1f}"] for q in points]
-    header = ["data", "targets", "mode", "answers", "answer tokens", "head-0 top-1", "head-1 top-1", "4 nodes",
+    header = ["data", "targets", "mode", "lr", "answers", "answer tokens", "head-0 top-1", "head-1 top-1", "4 nodes",
               "16 nodes", "4 nodes + lookup", "train min"]
     (out / "learning_curve.md").write_text(md_table(header, rows) + "\n")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))

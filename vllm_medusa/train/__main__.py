@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, as served")
     g.add_argument("--max-num-seqs", type=int, default=128, help="engine batch size")
     g.add_argument("--distill-dtype", default=None,
-                   help="the engine's dtype for generating answers (default: float32 on CPUs, which "
-                        "decode it ~3x faster than bf16 without native bf16; the model's own on GPUs)")
+                   help="the engine's dtype for generating answers (default: the model's own on GPUs and "
+                        "on CPUs with native bf16 (AMX), float32 on other CPUs, ~3x faster there)")
 
     feat = argparse.ArgumentParser(add_help=False)
     g = feat.add_argument_group("features")
@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the first N answers (a multiple of 128): features of only the answers "
                         "added since the heads given to --init-heads were trained")
     g.add_argument("--compute-dtype", choices=("bfloat16", "float32"), default=None,
-                   help="the backbone's dtype for feature extraction (default: bfloat16, as stored); "
-                        "float32 is faster on CPUs without native bf16")
+                   help="the backbone's dtype for feature extraction (default: bfloat16, as stored, or "
+                        "float32 on CPUs without native bf16, where it is faster)")
 
     outp = argparse.ArgumentParser(add_help=False)
     outp.add_argument("--out", help="heads directory (default <work-dir>/heads)")

@@ -266,14 +266,23 @@ def generate_answers(llm: Any, prompts: Sequence[Prompt], out_file: str | os.Pat
     return out_file
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (avx512_bf16 or AMX; Linux flags, else False)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def distill_dtype() -> str:
-    """float32 on CPUs, vLLM's ``auto`` (the checkpoint's dtype) on GPUs. On a CPU without native
-    bf16 (avx512_bf16 / AMX) vLLM decodes bf16 2.8x slower than float32 (60 vs 167 answer tokens/s
-    for the demo model at batch 64, measured 2026-12-03), and the answers are the same model's
-    greedy ones either way, apart from near-ties."""
+    """vLLM's ``auto`` (the checkpoint's dtype) on GPUs and on CPUs with native bf16, float32 on
+    other CPUs. Without native bf16 vLLM decodes bf16 2.8x slower than float32 (60 vs 167 answer
+    tokens/s for the demo model at batch 64, measured 2026-12-03); with AMX, bf16 is the faster one
+    (docs/training.md). The answers are the same model's greedy ones either way, apart from near-ties."""
     import torch
 
-    return "auto" if torch.cuda.is_available() else "float32"
+    return "auto" if torch.cuda.is_available() or native_bf16() else "float32"
 
 
 def distill(model: str | os.PathLike, out_file: str | os.PathLike, *, num_samples: int = 2000,

@@ -111,8 +111,8 @@ def extract_features(model_path: str | os.PathLike, data_file: str | os.PathLike
     backbone's own greedy token at each position of the record's text (one forward pass, no
     generation: the labels of self-distillation at the cost of feature extraction alone). Row j
     then holds the token the model would produce there, which is also what token-conditioned heads
-    see. ``compute_dtype`` (default ``dtype``): the backbone's dtype for the forward pass, e.g.
-    float32 on CPUs without native bf16, while shards are stored in ``dtype``.
+    see. ``compute_dtype``: the backbone's dtype for the forward pass, while shards are stored in
+    ``dtype``; by default ``dtype``, except bf16 on a CPU without native bf16, where float32 is faster.
 
     Resumable: shards already on disk for the same data file, model and records are kept;
     ``limit`` takes only the first records (a prefix, so its shards are shared with longer runs);
@@ -123,7 +123,10 @@ def extract_features(model_path: str | os.PathLike, data_file: str | os.PathLike
         raise ValueError(f"labels must be one of {LABELS}, got {labels!r}")
     if start % shard_size or start < 0:
         raise ValueError(f"start must be a non-negative multiple of shard_size={shard_size}, got {start}")
-    compute_dtype = compute_dtype or dtype
+    if compute_dtype is None:
+        from .distill import native_bf16
+
+        compute_dtype = dtype if dtype != torch.bfloat16 or torch.cuda.is_available() or native_bf16() else torch.float32
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = [r for r in read_records(data_file) if r["output_token_ids"]][:limit]
