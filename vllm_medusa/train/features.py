@@ -126,7 +126,8 @@ def extract_features(model_path: str | os.PathLike, data_file: str | os.PathLike
     if compute_dtype is None:
         from .distill import native_bf16
 
-        compute_dtype = dtype if dtype != torch.bfloat16 or torch.cuda.is_available() or native_bf16() else torch.float32
+        slow_bf16 = dtype == torch.bfloat16 and not torch.cuda.is_available() and not native_bf16()
+        compute_dtype = torch.float32 if slow_bf16 else dtype
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = [r for r in read_records(data_file) if r["output_token_ids"]][:limit]
