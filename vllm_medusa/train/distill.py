@@ -56,6 +56,18 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     return out
 
 
+def _jsonl(records: Iterable[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
+def _write_records(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    """Replace ``path`` with these records in one step (a crash leaves the old file whole)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(_jsonl(records))
+    os.replace(tmp, path)
+
+
 SHARD_RECORDS = 512
 
 
@@ -91,7 +103,7 @@ def archive_records(records_file: str | os.PathLike, archive_dir: str | os.PathL
                                  f"{chunk[0]['id']!r}): archive into a fresh directory")
             continue
         archive_dir.mkdir(parents=True, exist_ok=True)
-        payload = "".join(json.dumps(r) + "\n" for r in chunk).encode()
+        payload = _jsonl(chunk).encode()
         tmp = path.with_suffix(".tmp")
         with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as fh:
             fh.write(payload)
@@ -112,11 +124,7 @@ def restore_records(archive_dir: str | os.PathLike, records_file: str | os.PathL
     if not missing:
         return 0
     ids = {r["id"] for r in archived}
-    records = archived + [r for r in local if r["id"] not in ids]
-    records_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = records_file.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, records_file)
+    _write_records(records_file, archived + [r for r in local if r["id"] not in ids])
     return len(missing)
 
 
@@ -342,10 +350,7 @@ def sharegpt_text(model: str | os.PathLike, out_file: str | os.PathLike, *, num_
                         "finish_reason": "length" if len(ids) > max_tokens else "stop"})
         if len(records) >= num_samples:
             break
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, out_file)
+    _write_records(out_file, records)
     return out_file
 
 
