@@ -69,7 +69,7 @@ def main() -> None:
     from tqdm import tqdm
 
     from vllm_medusa.demo import cache_root
-    from vllm_medusa.heads import load_medusa_heads, save_medusa_heads
+    from vllm_medusa.heads import save_medusa_heads
     from vllm_medusa.train.evaluate import evaluate_heads, mtbench_eval_data
     from vllm_medusa.train.features import load_features
     from vllm_medusa.train.trainer import TrainConfig, train_heads
@@ -81,8 +81,9 @@ def main() -> None:
     out = results_dir(args.out, args.name)
     result_file = out / "learning_curve.json"
     points: list[dict[str, Any]] = json.loads(result_file.read_text())["points"] if result_file.is_file() else []
-    for q in points:
+    for q in points:  # points written before --modes and --lr existed
         q.setdefault("mode", "scratch")
+        q.setdefault("lr", 3e-3)
     done = {(q["data"], q["targets"], q["mode"], q["size"]) for q in points}
     sources = dict(item.split("=", 1) for item in args.data)
     sizes = sorted(parse_size(s) for s in args.sizes.split(","))
@@ -90,8 +91,11 @@ def main() -> None:
     runs = [(name, t, mode, size) for name in sources for t in targets for mode in args.modes.split(",")
             for size in sizes]
     loaded: dict[str, Any] = {}  # each features directory read once, not once per point
+
+    def chain_dir(name: str, kind: str, size: int) -> Path:
+        return out / f"heads-{name}-{kind}-chained-{size}"
+
     for name, kind, mode, size in tqdm(runs, desc="learning curve", unit="point"):
-        chain_dir = out / f"heads-{name}-{kind}-chained-{size}"
         if (name, kind, mode, size) in done:
             continue
         if name not in loaded:
@@ -110,15 +114,12 @@ def main() -> None:
                        and q["size"] < size]
             if earlier:
                 last = max(earlier, key=lambda q: q["size"])
-                vocab, hidden = feats.lm_head.shape
-                init = load_medusa_heads(out / f"heads-{name}-{kind}-chained-{last['size']}",
-                                         hidden_size=int(hidden), vocab_size=int(vocab), dtype=torch.float32)
-                start = last["records"]
+                init, start = chain_dir(name, kind, last["size"]), last["records"]
         t0 = time.time()
         result = train_heads(feats.slice(start, n_records), cfg, init=init)
         seconds = time.time() - t0
         with tempfile.TemporaryDirectory() as tmp:
-            heads_dir = chain_dir if mode == "chained" else Path(tmp)
+            heads_dir = chain_dir(name, kind, size) if mode == "chained" else Path(tmp)
             save_medusa_heads(result.heads, heads_dir, model, dtype=torch.bfloat16)
             ev = evaluate_heads(model, heads_dir, eval_features, write=False, answers_file=answers)
         points.append({"data": name, "targets": kind, "mode": mode, "lr": args.lr, "size": size, "records": n_records,
@@ -147,17 +148,16 @@ def write_outputs(out: Path, points: list[dict[str, Any]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = sorted(points, key=lambda q: (q["data"], q["targets"], q.get("mode", "scratch"), q["size"]))
-    rows = [[q["data"], q["targets"], q.get("mode", "scratch"), f"{q.get('lr', 3e-3):g}", f"{q['records']}", f"{_tokens(q) / 1e3:.0f}k",
-             f"{q['top1'][0]:.3f}",
-             f"{q['top1'][1]:.3f}", f"{q['per_step_4']:.3f}", f"{q['per_step_16']:.3f}",
+    points = sorted(points, key=lambda q: (q["data"], q["targets"], q["mode"], q["size"]))
+    rows = [[q["data"], q["targets"], q["mode"], f"{q['lr']:g}", f"{q['records']}", f"{_tokens(q) / 1e3:.0f}k",
+             f"{q['top1'][0]:.3f}", f"{q['top1'][1]:.3f}", f"{q['per_step_4']:.3f}", f"{q['per_step_16']:.3f}",
              f"{q['per_step_4_lookup']:.3f}", f"{q['train_seconds'] / 60:.1f}"] for q in points]
     header = ["data", "targets", "mode", "lr", "answers", "answer tokens", "head-0 top-1", "head-1 top-1", "4 nodes",
               "16 nodes", "4 nodes + lookup", "train min"]
     (out / "learning_curve.md").write_text(md_table(header, rows) + "\n")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for key in sorted({(q["data"], q["targets"], q.get("mode", "scratch")) for q in points}):
-        line = [q for q in points if (q["data"], q["targets"], q.get("mode", "scratch")) == key]
+    for key in sorted({(q["data"], q["targets"], q["mode"]) for q in points}):
+        line = [q for q in points if (q["data"], q["targets"], q["mode"]) == key]
         xs = [_tokens(q) for q in line]
         axes[0].plot(xs, [q["top1"][0] for q in line], "o-", label=" / ".join(key))
         axes[1].plot(xs, [q["per_step_16"] for q in line], "o-", label=" / ".join(key))

@@ -155,10 +155,11 @@ def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
 
 def train_heads(features: Features | str | os.PathLike, config: TrainConfig | None = None, *,
                 max_steps: int | None = None, progress: bool = True,
-                init: MedusaHeads | None = None) -> TrainResult:
+                init: MedusaHeads | str | os.PathLike | None = None) -> TrainResult:
     """Train Medusa heads on cached features; returns the heads and held-out metrics.
 
-    ``init``: heads to continue from (trained on earlier answers) instead of the identity blocks, so
+    ``init``: heads (or their directory) to continue from, trained on earlier answers, instead of
+    the identity blocks, so
     a data set that grows by the hour is trained in one pass, chunk by chunk, and no machine has to
     hold or recompute the features of all of it (one epoch over each chunk; the learning rate warms
     up and decays again per chunk).
@@ -189,6 +190,10 @@ def train_heads(features: Features | str | os.PathLike, config: TrainConfig | No
     if init is None:
         heads.zero_blocks()
     else:
+        if not isinstance(init, MedusaHeads):
+            from ..head_checkpoints import load_medusa_heads
+
+            init = load_medusa_heads(init, hidden_size=hidden_size, vocab_size=vocab, dtype=torch.float32)
         _copy_blocks(init, heads)
     lm_head = feats.lm_head.to(cdtype)
     if not cfg.shared_lm_head:
@@ -290,7 +295,7 @@ def _copy_blocks(src: MedusaHeads, dst: MedusaHeads) -> None:
     if got != want:
         raise ValueError("heads to continue from have (heads, layers, hidden size, token-conditioned) = "
                          f"{got}, the training settings ask for {want}")
-    if (src.block_bias is None) != (dst.block_bias is None) or not src.shared_lm_head:
+    if src.block_bias is None or dst.block_bias is None or not src.shared_lm_head:
         raise ValueError("heads to continue from must have block biases and the shared lm_head")
     with torch.no_grad():
         dst.block_weight.copy_(src.block_weight)
@@ -305,13 +310,7 @@ def train_and_save(features_dir: str | os.PathLike, out_dir: str | os.PathLike,
     """Train (continuing from the heads in ``init_heads``, if given), then write the heads in the
     FasterDecoding layout (bf16) to ``out_dir``."""
     feats = load_features(features_dir)
-    init = None
-    if init_heads is not None:
-        from ..head_checkpoints import load_medusa_heads
-
-        vocab, hidden = feats.lm_head.shape
-        init = load_medusa_heads(init_heads, hidden_size=int(hidden), vocab_size=int(vocab), dtype=torch.float32)
-    result = train_heads(feats, config, max_steps=max_steps, init=init)
+    result = train_heads(feats, config, max_steps=max_steps, init=init_heads)
     save_medusa_heads(result.heads, Path(out_dir), base_model_name_or_path or feats.meta["model"],
                       dtype=torch.bfloat16)
     return result
