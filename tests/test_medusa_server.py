@@ -7,7 +7,7 @@ import urllib.error
 
 import pytest
 
-from tests.server import get_text, post, running_server
+from tests.server import PARIS_QUESTION, get_text, post, running_server
 
 pytestmark = pytest.mark.engine
 
@@ -25,7 +25,7 @@ def test_server_with_medusa_tree(demo_model, demo_heads):
         assert bad.value.code == 400
         chat = post(f"{base}/v1/chat/completions", {
             "model": "demo", "max_tokens": 32, "temperature": 0,
-            "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+            "messages": [{"role": "user", "content": PARIS_QUESTION}]})
         assert "Paris" in chat["choices"][0]["message"]["content"]
         assert post(f"{base}/v1/completions", body)["choices"][0]["text"] == first["choices"][0]["text"]
         metrics = get_text(f"{base}/metrics")
