@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -123,6 +124,27 @@ def test_draft_vocab_keeps_the_most_frequent_tokens(features_dir):
     assert result.heads.token_map.numel() == 10 and result.softmax_size > 10
     with pytest.raises(ValueError, match="draft_vocab needs softmax_vocab='data'"):
         train_heads(features_dir, TrainConfig(draft_vocab=10), max_steps=1, progress=False)
+
+
+def test_softmax_size_trains_over_the_most_frequent_tokens_only(features_dir):
+    """A capped training softmax: the heads' draft vocabulary is among its tokens, targets outside
+    it do not count in the loss, and impossible sizes are refused by name."""
+    from vllm_medusa.train.trainer import most_frequent
+
+    feats = load_features(features_dir)
+    cfg = TrainConfig(num_heads=NUM_HEADS, lr=3e-3, batch_size=64, compute_dtype="float32",
+                      softmax_vocab="data", softmax_size=12, draft_vocab=10)
+    result = train_heads(feats, cfg, max_steps=3, progress=False)
+    assert result.softmax_size == 12
+    tokens = feats.tokens.long()
+    top12 = most_frequent(tokens, tokens.unique(), 12)
+    assert set(result.heads.token_map.tolist()) <= set(top12.tolist())
+    assert all(math.isfinite(v) for v in result.loss_history)
+    for bad in (dict(softmax_size=5), dict(softmax_size=8, draft_vocab=10),
+                dict(softmax_size=12, softmax_vocab="full")):
+        kw = dict(softmax_vocab="data", draft_vocab=None) | bad
+        with pytest.raises(ValueError, match="softmax_size needs"):
+            train_heads(feats, TrainConfig(compute_dtype="float32", **kw), max_steps=1, progress=False)
 
 
 def test_heads_start_as_identity(features_dir):

@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--own-lm-head", action="store_true", help="train a vocab projection per head")
     g.add_argument("--draft-vocab", type=int, help="with --softmax-vocab data: draft only from the N "
                                                   "most frequent answer tokens (cheaper projection)")
+    g.add_argument("--softmax-size", type=int, help="with --softmax-vocab data: train the softmax over "
+                   "only the N most frequent answer tokens; rarer targets are left out of the loss (cheaper "
+                   "on large data; at least --draft-vocab)")
     g.add_argument("--token-conditioned", action="store_true",
                    help="heads also see the embedding of the token just produced (better guesses; "
                         "medusa_tree only, not upstream vLLM's Medusa)")
@@ -229,6 +232,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                           batch_size=args.batch_size, heldout_fraction=args.heldout,
                           shared_lm_head=not args.own_lm_head, softmax_vocab=args.softmax_vocab,
                           token_conditioned=args.token_conditioned, draft_vocab=args.draft_vocab,
+                          softmax_size=args.softmax_size,
                           soft_targets=args.soft_targets, seed=args.seed)
         heads_out = out if recipe == "medusa-1" else warmup_heads
         with log.stage("train", command) as info:

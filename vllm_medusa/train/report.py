@@ -121,9 +121,12 @@ def write_training_md(out_dir: str | os.PathLike, run: dict[str, Any]) -> Path:
                   f"{train.get('final_train_loss', float('nan')):.3f}, held-out (ShareGPT split) loss "
                   f"{train.get('heldout_loss', float('nan')):.3f}."]
         if settings.get("softmax_vocab") == "data":
-            lines.append(f"- Training softmax over the {train.get('softmax_size', '?')} distinct tokens of the "
-                         "training answers (`--softmax-vocab data`, ~4x cheaper than the full vocabulary "
-                         "on this CPU); every accuracy below is over the full vocabulary.")
+            which = ("most frequent tokens of the training answers (`--softmax-vocab data --softmax-size`; "
+                     "rarer targets are left out of the loss)" if settings.get("softmax_size") else
+                     "distinct tokens of the training answers (`--softmax-vocab data`)")
+            lines.append(f"- Training softmax over the {train.get('softmax_size', '?')} {which}, several "
+                         "times cheaper than the full vocabulary on this CPU; every accuracy below is over "
+                         "the full vocabulary.")
             if settings.get("draft_vocab"):
                 lines.append(f"- The heads draft from the {settings['draft_vocab']} most frequent of those "
                              "tokens (`--draft-vocab`, their `token_map`): a smaller projection per step.")

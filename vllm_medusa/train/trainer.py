@@ -54,6 +54,11 @@ class TrainConfig:
     # them). The projection onto the draft vocabulary is most of the heads' cost per step and is
     # memory-bound; on the demo model 4096 of 12465 tokens keep head-0 top-1 within 0.002.
     draft_vocab: int | None = None
+    # With softmax_vocab="data": keep only the N most frequent answer tokens in the training softmax
+    # and leave rarer targets out of the loss (None: all of them). The softmax is most of a training
+    # step and the answers' vocabulary grows with the data (12,465 tokens in 324k answer tokens,
+    # 28,139 in 2.8M); heads that draft from the 4096 most frequent never rank the rest anyway.
+    softmax_size: int | None = None
     token_conditioned: bool = False
     # Learn the base model's distribution of each target token, not only its (greedy) token.
     soft_targets: bool = False
@@ -204,13 +209,18 @@ def train_heads(features: Features | str | os.PathLike, config: TrainConfig | No
         if not cfg.shared_lm_head:
             raise ValueError("softmax_vocab='data' needs the shared lm_head")
         train_tokens = feats.tokens[feats.record_rows(train_rec)].long()
-        vocab_ids = train_tokens.unique()
+        vocab_ids = most_frequent(train_tokens, train_tokens.unique(), cfg.softmax_size)
         remap = torch.full((vocab + 1,), IGNORE, dtype=torch.long)
         remap[vocab_ids] = torch.arange(len(vocab_ids))
         train_targets = remap[targets.clamp(min=-1)]  # IGNORE -> index -1 -> the IGNORE sentinel
         train_proj = lm_head[vocab_ids]
     elif cfg.softmax_vocab != "full":
         raise ValueError(f"softmax_vocab must be 'full' or 'data', got {cfg.softmax_vocab!r}")
+    if cfg.softmax_size is not None and (cfg.softmax_vocab != "data" or cfg.softmax_size < 10
+                                         or (cfg.draft_vocab or 0) > cfg.softmax_size):
+        raise ValueError("softmax_size needs softmax_vocab='data', at least 10 tokens and no fewer than "
+                         f"draft_vocab, got softmax_size={cfg.softmax_size}, draft_vocab={cfg.draft_vocab}, "
+                         f"softmax_vocab={cfg.softmax_vocab!r}")
     if cfg.draft_vocab is not None and (cfg.softmax_vocab != "data" or cfg.draft_vocab < 10):
         raise ValueError("draft_vocab needs softmax_vocab='data' and at least 10 tokens (trees use up "
                          f"to 10 guesses per head), got {cfg.draft_vocab} with "
