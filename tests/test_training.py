@@ -338,6 +338,20 @@ def test_training_md_keeps_hand_written_notes(tmp_path):
     assert "- from run.json" in text
 
 
+def test_training_md_counts_later_turn_prompts(tmp_path):
+    from vllm_medusa.train.distill import summarize
+    from vllm_medusa.train.report import write_training_md
+
+    recs = [{"id": i, "prompt_token_ids": [1, 2], "output_token_ids": [3], "finish_reason": "stop"}
+            for i in ("sharegpt-3", "sharegpt-3-t1", "sharegpt-9-t2")]
+    data = summarize(recs)
+    assert (data["answers"], data["later_turns"], data["prompt_tokens"]) == (3, 2, 6)
+    text = write_training_md(tmp_path, {"stages": {"distill": {"data": data}}}).read_text()
+    assert "answers to 3 ShareGPT prompts (2 of them later turns" in text
+    text = write_training_md(tmp_path, {"stages": {"distill": {"data": summarize(recs[:1])}}}).read_text()
+    assert "answers to 1 ShareGPT prompts (first turns;" in text
+
+
 def test_model_labels_are_the_backbones_greedy_tokens(tiny, tmp_path):
     """``labels="model"``: row j holds the backbone's argmax there (teacher-forced along the
     record's text), so head k at row j learns the model's token j+1+k, not the text's."""

@@ -355,11 +355,13 @@ def sharegpt_text(model: str | os.PathLike, out_file: str | os.PathLike, *, num_
 
 
 def summarize(records: Iterable[dict[str, Any]]) -> dict[str, float]:
-    """Counts for reports: answers, prompt/answer tokens, share of answers cut at max_tokens."""
+    """Counts for reports: answers, of which to later conversation turns, prompt/answer tokens,
+    share of answers cut at max_tokens."""
     recs = list(records)
     n = max(len(recs), 1)
     return {
         "answers": len(recs),
+        "later_turns": sum("-t" in str(r.get("id", "")) for r in recs),
         "prompt_tokens": sum(len(r["prompt_token_ids"]) for r in recs),
         "answer_tokens": sum(len(r["output_token_ids"]) for r in recs),
         "cut_at_max_tokens": sum(r.get("finish_reason") == "length" for r in recs) / n,

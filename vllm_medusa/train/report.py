@@ -88,8 +88,10 @@ def write_training_md(out_dir: str | os.PathLike, run: dict[str, Any]) -> Path:
         "",
         "## Data",
         "",
-        f"- Training: the base model's own answers to {data.get('answers', '?')} ShareGPT first-turn prompts "
-        f"(chat template, temperature {run.get('settings', {}).get('temperature', '?')}, "
+        f"- Training: the base model's own answers to {data.get('answers', '?')} ShareGPT prompts "
+        + (f"({data['later_turns']} of them later turns, with the conversation so far as history; "
+           if data.get("later_turns") else "(first turns; ") +
+        f"chat template, temperature {run.get('settings', {}).get('temperature', '?')}, "
         f"<= {run.get('settings', {}).get('max_tokens', '?')} new tokens, prompts <= "
         f"{run.get('settings', {}).get('max_prompt_tokens', '?')} tokens): "
         f"{data.get('answer_tokens', '?')} answer tokens, {data.get('prompt_tokens', '?')} prompt tokens, "
