@@ -127,8 +127,8 @@ def test_draft_vocab_keeps_the_most_frequent_tokens(features_dir):
 
 
 def test_softmax_size_trains_over_the_most_frequent_tokens_only(features_dir):
-    """A capped training softmax: the heads' draft vocabulary is among its tokens, targets outside
-    it do not count in the loss, and impossible sizes are refused by name."""
+    """A capped training softmax: its size is as asked, the heads' draft vocabulary is among its
+    tokens, training on targets outside it stays finite, and impossible sizes are refused by name."""
     from vllm_medusa.train.trainer import most_frequent
 
     feats = load_features(features_dir)

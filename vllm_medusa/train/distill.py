@@ -361,7 +361,8 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, float]:
     n = max(len(recs), 1)
     return {
         "answers": len(recs),
-        "later_turns": sum("-t" in str(r.get("id", "")) for r in recs),
+        "later_turns": sum(str(r.get("id", "")).startswith("sharegpt-") and _answer_turn(r["id"])[1] > 1
+                           for r in recs),
         "prompt_tokens": sum(len(r["prompt_token_ids"]) for r in recs),
         "answer_tokens": sum(len(r["output_token_ids"]) for r in recs),
         "cut_at_max_tokens": sum(r.get("finish_reason") == "length" for r in recs) / n,

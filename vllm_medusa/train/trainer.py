@@ -164,10 +164,9 @@ def train_heads(features: Features | str | os.PathLike, config: TrainConfig | No
     """Train Medusa heads on cached features; returns the heads and held-out metrics.
 
     ``init``: heads (or their directory) to continue from, trained on earlier answers, instead of
-    the identity blocks, so
-    a data set that grows by the hour is trained in one pass, chunk by chunk, and no machine has to
-    hold or recompute the features of all of it (one epoch over each chunk; the learning rate warms
-    up and decays again per chunk).
+    the identity blocks, so a data set that grows by the hour is trained in one pass, chunk by
+    chunk, and no machine has to hold or recompute the features of all of it (one epoch over each
+    chunk; the learning rate warms up and decays again per chunk).
     """
     cfg = config or TrainConfig()
     feats = features if isinstance(features, Features) else load_features(features)
@@ -205,6 +204,11 @@ def train_heads(features: Features | str | os.PathLike, config: TrainConfig | No
         with torch.no_grad():
             heads.proj_weight.copy_(feats.lm_head.float().expand_as(heads.proj_weight))
     train_targets, train_proj = targets, lm_head
+    if cfg.softmax_size is not None and (cfg.softmax_vocab != "data" or cfg.softmax_size < 10
+                                         or (cfg.draft_vocab or 0) > cfg.softmax_size):
+        raise ValueError("softmax_size needs softmax_vocab='data', at least 10 tokens and no fewer than "
+                         f"draft_vocab, got softmax_size={cfg.softmax_size}, draft_vocab={cfg.draft_vocab}, "
+                         f"softmax_vocab={cfg.softmax_vocab!r}")
     if cfg.softmax_vocab == "data":
         if not cfg.shared_lm_head:
             raise ValueError("softmax_vocab='data' needs the shared lm_head")
@@ -216,11 +220,6 @@ def train_heads(features: Features | str | os.PathLike, config: TrainConfig | No
         train_proj = lm_head[vocab_ids]
     elif cfg.softmax_vocab != "full":
         raise ValueError(f"softmax_vocab must be 'full' or 'data', got {cfg.softmax_vocab!r}")
-    if cfg.softmax_size is not None and (cfg.softmax_vocab != "data" or cfg.softmax_size < 10
-                                         or (cfg.draft_vocab or 0) > cfg.softmax_size):
-        raise ValueError("softmax_size needs softmax_vocab='data', at least 10 tokens and no fewer than "
-                         f"draft_vocab, got softmax_size={cfg.softmax_size}, draft_vocab={cfg.draft_vocab}, "
-                         f"softmax_vocab={cfg.softmax_vocab!r}")
     if cfg.draft_vocab is not None and (cfg.softmax_vocab != "data" or cfg.draft_vocab < 10):
         raise ValueError("draft_vocab needs softmax_vocab='data' and at least 10 tokens (trees use up "
                          f"to 10 guesses per head), got {cfg.draft_vocab} with "
