@@ -12,10 +12,16 @@ reloaded, as ``train train --init-heads`` does) on only the answers added since:
 costs one pass over the data, and it measures how training continued chunk by chunk compares with
 training from scratch (``scratch``, the default) on the same answers.
 
+``--conditioning bonus,path`` compares what the heads are conditioned on: the token just produced,
+for every head (``bonus``, the shipped heads), or the token just before each head's target
+(``path``: `train --path-conditioned`).
+
     .venv/bin/python bench/learning_curve.py --data self-distilled=.cache/train/smollm2-135m-instruct/features \
         --sizes 60k,150k,300k --targets hard,soft
     .venv/bin/python bench/learning_curve.py --data self-distilled=.cache/train/smollm2-135m-instruct/features \
         --sizes 100k,200k,400k --modes scratch,chained
+    .venv/bin/python bench/learning_curve.py --data self-distilled=.cache/train/smollm2-135m-instruct/features \
+        --sizes 400k --layers 2 --conditioning bonus,path
 
 Results (JSON, a markdown table, a PNG) go to bench/results/NAME/; a rerun with the same folder
 skips the points already there.
@@ -52,6 +58,8 @@ def main() -> None:
     p.add_argument("--targets", default="hard", help="hard (the greedy token), soft (the base distribution), or both")
     p.add_argument("--modes", default="scratch", help="scratch (each point trained from identity blocks), "
                    "chained (each point continues the previous one on the answers added since), or both")
+    p.add_argument("--conditioning", default="bonus", help="bonus (every head sees the token just produced), "
+                   "path (head k sees the token before its target), or both")
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of each point (a chained point "
                    "continuing earlier heads included)")
@@ -84,19 +92,20 @@ def main() -> None:
     for q in points:  # points written before --modes and --lr existed
         q.setdefault("mode", "scratch")
         q.setdefault("lr", 3e-3)
-    done = {(q["data"], q["targets"], q["mode"], q["size"]) for q in points}
+        q.setdefault("conditioning", "bonus")
+    done = {(q["data"], q["targets"], q["mode"], q["conditioning"], q["size"]) for q in points}
     sources = dict(item.split("=", 1) for item in args.data)
     sizes = sorted(parse_size(s) for s in args.sizes.split(","))
     targets = args.targets.split(",")
-    runs = [(name, t, mode, size) for name in sources for t in targets for mode in args.modes.split(",")
-            for size in sizes]
+    runs = [(name, t, mode, cond, size) for name in sources for t in targets for mode in args.modes.split(",")
+            for cond in args.conditioning.split(",") for size in sizes]
     loaded: dict[str, Any] = {}  # each features directory read once, not once per point
 
-    def chain_dir(name: str, kind: str, size: int) -> Path:
-        return out / f"heads-{name}-{kind}-chained-{size}"
+    def chain_dir(name: str, kind: str, cond: str, size: int) -> Path:
+        return out / f"heads-{name}-{kind}-{cond}-chained-{size}"
 
-    for name, kind, mode, size in tqdm(runs, desc="learning curve", unit="point"):
-        if (name, kind, mode, size) in done:
+    for name, kind, mode, cond, size in tqdm(runs, desc="learning curve", unit="point"):
+        if (name, kind, mode, cond, size) in done:
             continue
         if name not in loaded:
             loaded = {name: load_features(sources[name])}  # runs are grouped by source: keep one in memory
@@ -107,25 +116,27 @@ def main() -> None:
             continue
         cfg = TrainConfig(num_heads=5, num_layers=args.layers, lr=args.lr, epochs=args.epochs, batch_size=256,
                           heldout_fraction=0.02, softmax_vocab="data", draft_vocab=4096,
-                          token_conditioned=True, soft_targets=kind == "soft")
+                          token_conditioned=True, path_conditioned=cond == "path",
+                          soft_targets=kind == "soft")
         init, start = None, 0
         if mode == "chained":
-            earlier = [q for q in points if (q["data"], q["targets"], q["mode"]) == (name, kind, mode)
-                       and q["size"] < size]
+            earlier = [q for q in points if (q["data"], q["targets"], q["mode"], q["conditioning"])
+                       == (name, kind, mode, cond) and q["size"] < size]
             if earlier:
                 last = max(earlier, key=lambda q: q["size"])
-                init, start = chain_dir(name, kind, last["size"]), last["records"]
+                init, start = chain_dir(name, kind, cond, last["size"]), last["records"]
         t0 = time.time()
         result = train_heads(feats.slice(start, n_records), cfg, init=init)
         seconds = time.time() - t0
         with tempfile.TemporaryDirectory() as tmp:
-            heads_dir = chain_dir(name, kind, size) if mode == "chained" else Path(tmp)
+            heads_dir = chain_dir(name, kind, cond, size) if mode == "chained" else Path(tmp)
             save_medusa_heads(result.heads, heads_dir, model, dtype=torch.bfloat16)
             ev = evaluate_heads(model, heads_dir, eval_features, write=False, answers_file=answers)
-        points.append({"data": name, "targets": kind, "mode": mode, "lr": args.lr, "size": size, "records": n_records,
+        points.append({"data": name, "targets": kind, "mode": mode, "conditioning": cond, "lr": args.lr,
+                       "size": size, "records": n_records,
                        "answer_tokens": int(feats.lengths[:n_records].sum()),
                        "train_positions": result.train_positions, "train_seconds": round(seconds, 1),
-                       "top1": [row[0] for row in ev["topk"]],
+                       "top1": [row[0] for row in ev["topk"]], "chain_per_step": ev["chain_per_step"],
                        "per_step_4": ev["budgets"][4]["per_step"], "per_step_16": ev["budgets"][16]["per_step"],
                        "per_step_4_lookup": ev["budgets"][4].get("per_step_lookup"),
                        "eval_positions": ev["positions"]})
@@ -148,19 +159,24 @@ def write_outputs(out: Path, points: list[dict[str, Any]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = sorted(points, key=lambda q: (q["data"], q["targets"], q["mode"], q["size"]))
-    rows = [[q["data"], q["targets"], q["mode"], f"{q['lr']:g}", f"{q['records']}", f"{_tokens(q) / 1e3:.0f}k",
-             f"{q['top1'][0]:.3f}", f"{q['top1'][1]:.3f}", f"{q['per_step_4']:.3f}", f"{q['per_step_16']:.3f}",
-             f"{q['per_step_4_lookup']:.3f}", f"{q['train_seconds'] / 60:.1f}"] for q in points]
-    header = ["data", "targets", "mode", "lr", "answers", "answer tokens", "head-0 top-1", "head-1 top-1", "4 nodes",
-              "16 nodes", "4 nodes + lookup", "train min"]
+    def key(q: dict[str, Any]) -> tuple[str, ...]:
+        return q["data"], q["targets"], q["mode"], q.get("conditioning", "bonus")
+
+    points = sorted(points, key=lambda q: (*key(q), q["size"]))
+    chain = [f"{q['chain_per_step']:.3f}" if "chain_per_step" in q else "-" for q in points]
+    rows = [[*key(q), f"{q['lr']:g}", f"{q['records']}", f"{_tokens(q) / 1e3:.0f}k",
+             f"{q['top1'][0]:.3f}", f"{q['top1'][1]:.3f}", f"{q['top1'][2]:.3f}", c, f"{q['per_step_4']:.3f}",
+             f"{q['per_step_16']:.3f}", f"{q['per_step_4_lookup']:.3f}", f"{q['train_seconds'] / 60:.1f}"]
+            for q, c in zip(points, chain)]
+    header = ["data", "targets", "mode", "conditioning", "lr", "answers", "answer tokens", "head-0 top-1",
+              "head-1 top-1", "head-2 top-1", "chain of 5", "4 nodes", "16 nodes", "4 nodes + lookup", "train min"]
     (out / "learning_curve.md").write_text(md_table(header, rows) + "\n")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for key in sorted({(q["data"], q["targets"], q["mode"]) for q in points}):
-        line = [q for q in points if (q["data"], q["targets"], q["mode"]) == key]
+    for line_key in sorted({key(q) for q in points}):
+        line = [q for q in points if key(q) == line_key]
         xs = [_tokens(q) for q in line]
-        axes[0].plot(xs, [q["top1"][0] for q in line], "o-", label=" / ".join(key))
-        axes[1].plot(xs, [q["per_step_16"] for q in line], "o-", label=" / ".join(key))
+        axes[0].plot(xs, [q["top1"][0] for q in line], "o-", label=" / ".join(line_key))
+        axes[1].plot(xs, [q["per_step_16"] for q in line], "o-", label=" / ".join(line_key))
     for ax, title in zip(axes, ("head-0 top-1 (MT-Bench)", "tokens per step, 16-node tree (replayed)")):
         ax.set_xscale("log")
         ax.set_xlabel("training answer tokens")

@@ -102,7 +102,8 @@ def test_online_smoke(tmp_path: Path, heads: Path) -> None:
 def test_learning_curve_smoke(tmp_path: Path) -> None:
     """Tiny model, synthetic answers: every (size, targets, mode) point is trained, evaluated on the
     tiny model's MT-Bench answers and lands in the JSON, the table and the plot; a rerun skips them.
-    A chained point trains on only the answers added since the previous one."""
+    A chained point trains on only the answers added since the previous one; path-conditioned heads
+    are a point of their own."""
     import torch
 
     from tests.test_training import synthetic_records
@@ -138,3 +139,10 @@ def test_learning_curve_smoke(tmp_path: Path) -> None:
     assert "| syn | soft | chained |" in (tmp_path / "out" / "learning_curve.md").read_text()
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and json.loads((tmp_path / "out" / "learning_curve.json").read_text())["points"] == points
+    path = subprocess.run(cmd[:cmd.index("--sizes")] + ["--sizes", "200", "--conditioning", "path"]
+                          + cmd[cmd.index("--eval-dir"):], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert path.returncode == 0, path.stdout[-3000:] + path.stderr[-3000:]
+    added = json.loads((tmp_path / "out" / "learning_curve.json").read_text())["points"][len(points):]
+    assert [(q["conditioning"], q["targets"], q["size"]) for q in added] == [("path", "hard", 200)]
+    assert "| syn | hard | scratch | path |" in (tmp_path / "out" / "learning_curve.md").read_text()

@@ -384,3 +384,72 @@ def test_proposer_feeds_the_produced_token_to_token_conditioned_heads():
     assert drafts == want
     with pytest.raises(ValueError, match="need the tokens just produced"):
         proposer.propose_trees(hidden, MedusaTree.from_paths(chain(2)), [2, 2, 2])
+
+
+def _path_heads(seed: int = 0) -> tuple[MedusaHeads, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    heads = MedusaHeads(K, L, H, V, token_conditioned=True, path_conditioned=True, dtype=torch.float32)
+    for p in (heads.block_weight, heads.block_bias, heads.token_weight):
+        p.data.normal_(0, 1.0, generator=g)
+    return heads, torch.randn(V, H, generator=g), torch.randn(V, H, generator=g)
+
+
+def test_path_conditioned_heads_see_one_token_per_head(tmp_path):
+    """Head k of path-conditioned heads is the token-conditioned head k fed its own token; the
+    checkpoint says so (``token_conditioning: "path"``) and loads back as such."""
+    heads, emb, lm_head = _path_heads()
+    hidden = torch.randn(B, H)
+    per_head = torch.randint(0, V, (K, B))
+    got = heads(hidden, lm_head, token_embeds=emb[per_head])
+    for k in range(K):
+        alone = heads(hidden, lm_head, num_heads=1, token_embeds=emb[per_head[k]], first=k)
+        torch.testing.assert_close(got[k], alone[0])
+    with pytest.raises(ValueError, match="one token per head"):
+        heads(hidden, lm_head, token_embeds=emb[per_head[0]])
+    with pytest.raises(ValueError, match=r"heads 2..3 asked of 3"):
+        heads(hidden, lm_head, num_heads=2, token_embeds=emb[per_head[:2]], first=2)
+
+    save_medusa_heads(heads, tmp_path / "path", "some/base", dtype=torch.float32)
+    assert json.loads((tmp_path / "path" / "config.json").read_text())["token_conditioning"] == "path"
+    again = load(tmp_path / "path")
+    assert again.path_conditioned
+    torch.testing.assert_close(again(hidden, lm_head, token_embeds=emb[per_head]), got)
+    config = json.loads((tmp_path / "path" / "config.json").read_text())
+    (tmp_path / "path" / "config.json").write_text(json.dumps({**config, "token_conditioning": "sideways"}))
+    with pytest.raises(MedusaHeadsError, match="token_conditioning must be 'bonus' or 'path', got 'sideways'"):
+        load(tmp_path / "path")
+
+
+def test_path_tokens_shift_by_head():
+    from vllm_medusa.heads import path_tokens
+
+    tokens = torch.tensor([10, 11, 12, 13])
+    assert path_tokens(tokens, 3).tolist() == [[10, 11, 12, 13], [11, 12, 13, 13], [12, 13, 13, 13]]
+    assert path_tokens(tokens, 2, torch.tensor([2, 0])).tolist() == [[12, 10], [13, 11]]
+
+
+def test_proposer_drafts_path_conditioned_trees_depth_by_depth():
+    """Every node's children are its head's top guesses given that node's own token, for requests
+    of one batch with trees cut to different sizes."""
+    from vllm_medusa.proposer import MedusaTreeProposer
+    from vllm_medusa.trees import MedusaTree
+
+    heads, emb, lm_head = _path_heads(1)
+    proposer = MedusaTreeProposer.__new__(MedusaTreeProposer)
+    proposer.heads, proposer.lm_head_weight, proposer.draft_projection = heads, lm_head, None
+    proposer.compute_logits, proposer.branch_stats = None, None
+    proposer.embed_tokens = lambda ids: emb[ids]
+    tree = MedusaTree.from_paths([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [2]])
+    hidden, tokens, sizes = torch.randn(2, H), [4, 9], [7, 3]
+    drafts, trees = proposer.propose_trees(hidden, tree, sizes, tokens)
+
+    def guesses(b: int, token: int, depth: int) -> list[int]:
+        logits = heads(hidden[b:b + 1], lm_head, num_heads=1, token_embeds=emb[[token]], first=depth)
+        return logits[0, 0].topk(3).indices.tolist()
+
+    for b in range(2):
+        assert trees[b].num_nodes == sizes[b]
+        want = {(): tokens[b]}
+        for path in trees[b].paths:
+            want[path] = guesses(b, want[path[:-1]], len(path) - 1)[path[-1]]
+        assert drafts[b] == [want[p] for p in trees[b].paths]

@@ -233,6 +233,11 @@ def _parse_keys(source: Path, tensors: dict[str, Tensor], config: Mapping[str, A
         raise _fail(source, "config says token_conditioned but there are no {h}.token.weight tensors")
     if token_weights and num_layers < 1:
         raise _fail(source, "token-conditioned heads need at least one residual block")
+    if config.get("token_conditioning", "bonus") not in ("bonus", "path"):
+        raise _fail(source, f"token_conditioning must be 'bonus' or 'path', got "
+                            f"{config.get('token_conditioning')!r}")
+    if config.get("token_conditioning") == "path" and not token_weights:
+        raise _fail(source, "config says token_conditioning 'path' but there are no {h}.token.weight tensors")
     return num_heads, num_layers, blocks, projs, single, token_map, token_weights
 
 
@@ -332,7 +337,8 @@ def load_medusa_heads(path: str | os.PathLike, *, hidden_size: int, vocab_size: 
     heads = MedusaHeads(num_heads, num_layers, hidden_size, vocab_size, shared_lm_head=shared,
                         block_bias=has_block_bias, proj_bias=proj_has_bias,
                         num_projections=1 if single else None, token_map=token_map,
-                        token_conditioned=bool(token_weights), dtype=dtype, device=device)
+                        token_conditioned=bool(token_weights),
+                        path_conditioned=config.get("token_conditioning") == "path", dtype=dtype, device=device)
 
     def fit(t: Tensor) -> Tensor:
         if token_map is not None and t.shape[0] == vocab_size and out_vocab != vocab_size:

@@ -65,6 +65,7 @@ def save_medusa_heads(heads: MedusaHeads, out_dir: str | os.PathLike,
         config["truncated_vocab_size"] = heads.out_vocab_size
     if heads.token_conditioned:
         config["token_conditioned"] = True
+        config["token_conditioning"] = "path" if heads.path_conditioned else "bonus"
     if extra_config:
         config.update(extra_config)
     _save_safetensors(sd, out / FASTERDECODING_WEIGHTS, {"format": "pt"})

@@ -12,6 +12,12 @@ without knowing t+1; given it, head 0's held-out top-1 on the demo model rises f
 (Hydra and EAGLE feed drafted tokens back in the same way). The tree and verification are unchanged:
 every request's token is known before its tree is drafted.
 
+Path-conditioned heads (``token_conditioning: "path"`` in the config) go one step further: head k
+sees the token just before the one it guesses, t+1+k: the bonus token for head 0, the drafted
+token of the node above for the others. A tree is then drafted depth by depth (one batched head
+call per depth over the nodes that have children), and a node's children are guesses given its
+own token (Hydra's sequentially dependent heads, without their extra inputs).
+
 Weights are stacked across heads so a forward pass is one batched matmul per block layer and one
 GEMM for the projection, instead of a Python loop over heads.
 
@@ -37,6 +43,17 @@ from vllm_medusa.head_checkpoints import (  # noqa: F401
 from vllm_medusa.head_export import convert_to_vllm_medusa, save_medusa_heads  # noqa: F401
 
 
+def path_tokens(tokens: Tensor, num_heads: int, rows: Tensor | None = None) -> Tensor:
+    """``tokens [N]``, the tokens produced at N consecutive positions -> ``[K, R]``: at each of
+    ``rows`` (default all) for head k, the token produced at row + k, the one a path-conditioned
+    head k sees (clamped at the end; training data has no target there, so what is read does not
+    matter)."""
+    if rows is None:
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+    at = rows.unsqueeze(0) + torch.arange(num_heads, device=tokens.device).unsqueeze(1)
+    return tokens[at.clamp(max=max(tokens.shape[0] - 1, 0))]
+
+
 class MedusaHeads(nn.Module):
     """K Medusa heads with weights stacked across heads.
 
@@ -50,13 +67,16 @@ class MedusaHeads(nn.Module):
     def __init__(self, num_heads: int, num_layers: int, hidden_size: int, vocab_size: int, *,
                  shared_lm_head: bool = True, block_bias: bool = True, proj_bias: bool = False,
                  num_projections: int | None = None, token_map: Tensor | None = None,
-                 token_conditioned: bool = False,
+                 token_conditioned: bool = False, path_conditioned: bool = False,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None):
         super().__init__()
         if num_heads < 1 or num_layers < 0:
             raise ValueError(f"need >= 1 head and >= 0 layers, got {num_heads} heads, {num_layers} layers")
         if token_conditioned and num_layers < 1:
             raise ValueError("token-conditioned heads need at least one residual block")
+        if path_conditioned and not token_conditioned:
+            raise ValueError("path-conditioned heads are token-conditioned heads (token_conditioned=True)")
+        self.path_conditioned = path_conditioned
         self.num_heads = num_heads
         self.num_layers = num_layers
         self.hidden_size = hidden_size
@@ -95,16 +115,20 @@ class MedusaHeads(nn.Module):
     def extra_repr(self) -> str:
         kind = "shared base lm_head" if self.shared_lm_head else f"{self.proj_weight.shape[0]} projection(s)"
         tm = f", token_map={self.out_vocab_size}" if self.token_map is not None else ""
-        tc = ", token-conditioned" if self.token_conditioned else ""
+        tc = (", path-conditioned" if self.path_conditioned else
+              ", token-conditioned" if self.token_conditioned else "")
         return (f"heads={self.num_heads}, layers={self.num_layers}, hidden={self.hidden_size}, "
                 f"vocab={self.vocab_size}, {kind}{tm}{tc}")
 
     def residual(self, hidden: Tensor, num_heads: int | None = None,
-                 token_embeds: Tensor | None = None) -> Tensor:
-        """The residual blocks of the first ``num_heads`` heads (default all): ``[B, H] -> [K, B, H]``.
+                 token_embeds: Tensor | None = None, first: int = 0) -> Tensor:
+        """The residual blocks of ``num_heads`` heads (default all) from head ``first`` on:
+        ``[B, H] -> [K, B, H]``.
 
-        ``token_embeds [B, H]``: input embeddings of the tokens produced from ``hidden`` (needed by,
-        and only by, token-conditioned heads).
+        ``token_embeds``: input embeddings of the tokens the heads are conditioned on (needed by,
+        and only by, token-conditioned heads): ``[B, H]``, the token produced from ``hidden``, for
+        every head, or ``[K, B, H]``, one token per head (path-conditioned heads: head k sees the
+        token just before the one it guesses).
         """
         if hidden.dim() != 2 or hidden.shape[-1] != self.hidden_size:
             raise ValueError(f"hidden must be [B, {self.hidden_size}], got {tuple(hidden.shape)}")
@@ -112,19 +136,28 @@ class MedusaHeads(nn.Module):
             raise ValueError("these Medusa heads are token-conditioned: pass token_embeds"
                              if self.token_conditioned else
                              "token_embeds given, but these Medusa heads are not token-conditioned")
-        if token_embeds is not None and tuple(token_embeds.shape) != tuple(hidden.shape):
-            raise ValueError(f"token_embeds must be {tuple(hidden.shape)}, got {tuple(token_embeds.shape)}")
-        k = self.num_heads if num_heads is None else num_heads
+        k = self.num_heads - first if num_heads is None else num_heads
+        if not 0 <= first < first + k <= self.num_heads:
+            raise ValueError(f"heads {first}..{first + k - 1} asked of {self.num_heads} Medusa heads")
+        if token_embeds is not None and tuple(token_embeds.shape[-2:]) != tuple(hidden.shape) or (
+                token_embeds is not None and token_embeds.dim() == 3 and token_embeds.shape[0] != k):
+            raise ValueError(f"token_embeds must be {tuple(hidden.shape)} or {(k, *hidden.shape)}, "
+                             f"got {tuple(token_embeds.shape)}")
+        if self.path_conditioned and k > 1 and token_embeds is not None and token_embeds.dim() == 2:
+            raise ValueError("path-conditioned heads see one token per head: pass token_embeds "
+                             f"[{k}, B, H] (or ask for one head at a time)")
+        heads = slice(first, first + k)
         x = hidden.to(self.block_weight.dtype).unsqueeze(0).expand(k, -1, -1)
         for layer in range(self.num_layers):
-            w = self.block_weight[:k, layer].transpose(1, 2)
+            w = self.block_weight[heads, layer].transpose(1, 2)
             if self.block_bias is not None:
-                y = torch.baddbmm(self.block_bias[:k, layer].unsqueeze(1), x, w)
+                y = torch.baddbmm(self.block_bias[heads, layer].unsqueeze(1), x, w)
             else:
                 y = torch.bmm(x, w)
             if layer == 0 and token_embeds is not None:
-                e = token_embeds.to(x.dtype).unsqueeze(0).expand(k, -1, -1)
-                y = torch.baddbmm(y, e, self.token_weight[:k].transpose(1, 2))
+                e = token_embeds.to(x.dtype)
+                e = e if e.dim() == 3 else e.unsqueeze(0).expand(k, -1, -1)
+                y = torch.baddbmm(y, e, self.token_weight[heads].transpose(1, 2))
             x = x + F.silu(y)
         return x
 
@@ -141,8 +174,9 @@ class MedusaHeads(nn.Module):
         return w.unsqueeze(0)
 
     def forward(self, hidden: Tensor, lm_head_weight: Tensor | None = None,
-                num_heads: int | None = None, token_embeds: Tensor | None = None) -> Tensor:
-        """Logits ``[K, B, V']`` of the first ``num_heads`` heads (default all) for ``[B, H]``.
+                num_heads: int | None = None, token_embeds: Tensor | None = None,
+                first: int = 0) -> Tensor:
+        """Logits ``[K, B, V']`` of ``num_heads`` heads (default all) from ``first`` on for ``[B, H]``.
 
         V' is the reduced vocabulary when a ``token_map`` is set (see ``topk_token_ids``). A shared
         ``lm_head_weight`` is used as given (any number of rows: vLLM pads its vocab, training
@@ -150,15 +184,15 @@ class MedusaHeads(nn.Module):
         A single projection runs as one GEMM over all heads' rows: on CPUs the vocab projection is
         memory-bound, so reading its weight once instead of once per head is most of the cost.
         """
-        x = self.residual(hidden, num_heads, token_embeds)
+        x = self.residual(hidden, num_heads, token_embeds, first)
         k, b, h = x.shape
         w = self._projection(lm_head_weight).to(x.dtype)
         if w.shape[0] == 1:
             logits = F.linear(x.reshape(k * b, h), w[0]).view(k, b, -1)
         else:
-            logits = torch.bmm(x, w[:k].transpose(1, 2))
+            logits = torch.bmm(x, w[first:first + k].transpose(1, 2))
         if self.proj_bias is not None:
-            bias = self.proj_bias if self.proj_bias.shape[0] == 1 else self.proj_bias[:k]
+            bias = self.proj_bias if self.proj_bias.shape[0] == 1 else self.proj_bias[first:first + k]
             logits = logits + bias.unsqueeze(1).to(logits.dtype)
         return logits
 
@@ -167,9 +201,10 @@ class MedusaHeads(nn.Module):
         return indices if self.token_map is None else self.token_map[indices]
 
     def topk_token_ids(self, hidden: Tensor, k: int, lm_head_weight: Tensor | None = None,
-                       num_heads: int | None = None, token_embeds: Tensor | None = None) -> Tensor:
-        """Token ids ``[K, B, k]`` of the first ``num_heads`` heads' k most likely tokens, best first."""
-        logits = self.forward(hidden, lm_head_weight, num_heads, token_embeds)
+                       num_heads: int | None = None, token_embeds: Tensor | None = None,
+                       first: int = 0) -> Tensor:
+        """Token ids ``[K, B, k]`` of the heads' k most likely tokens, best first (``forward``)."""
+        logits = self.forward(hidden, lm_head_weight, num_heads, token_embeds, first)
         return self.map_tokens(logits.topk(k, dim=-1).indices)
 
     def full_vocab_logits(self, logits: Tensor) -> Tensor:

@@ -197,13 +197,18 @@ class MedusaTreeProposer:
         widest = max(trees, key=lambda t: t.num_nodes, default=None)
         if widest is None or widest.num_nodes == 0:
             return [[] for _ in trees], trees
-        embeds = None
+        produced = None
         if self.embed_tokens is not None:
             if tokens is None:
                 raise ValueError("token-conditioned Medusa heads need the tokens just produced")
-            embeds = self.embed_tokens(torch.as_tensor(tokens, dtype=torch.long, device=hidden.device))
-        topk_ids = self._topk_ids(hidden, max(widest.max_topk, 1), widest.depth, embeds)
-        drafts = [d[:t.num_nodes] for d, t in zip(draft_tree_tokens(topk_ids, widest).tolist(), trees)]
+            produced = torch.as_tensor(tokens, dtype=torch.long, device=hidden.device)
+        if self.heads.path_conditioned:
+            tree_tokens = self._path_drafts(hidden, produced, widest)
+        else:
+            embeds = None if produced is None else self.embed_tokens(produced)
+            tree_tokens = draft_tree_tokens(self._topk_ids(hidden, max(widest.max_topk, 1), widest.depth,
+                                                           embeds), widest)
+        drafts = [d[:t.num_nodes] for d, t in zip(tree_tokens.tolist(), trees)]
         if contexts is not None and self.branch_stats is not None:
             self._add_lookup_branches(widest, trees, drafts, contexts, keys,
                                       rooms if rooms is not None else num_nodes)
@@ -233,23 +238,39 @@ class MedusaTreeProposer:
         if self.branch_stats is not None:
             self.branch_stats.forget(key)
 
+    def _path_drafts(self, hidden: torch.Tensor, tokens: torch.Tensor, tree: MedusaTree) -> torch.Tensor:
+        """``[B, num_nodes]`` draft tokens of path-conditioned heads: depth by depth, head d-1 guesses
+        the children of every node at depth d-1 that has any, given that node's token (one batched
+        call per depth)."""
+        assert self.embed_tokens is not None
+        b = hidden.shape[0]
+        rows = torch.empty((b, tree.num_rows), dtype=torch.long, device=hidden.device)
+        rows[:, 0] = tokens
+        for d, (parents, kids, parent_at, ranks) in enumerate(tree.levels):
+            p = len(parents)
+            h = hidden.unsqueeze(1).expand(b, p, hidden.shape[-1]).reshape(b * p, -1)
+            embeds = self.embed_tokens(rows[:, parents].reshape(-1))
+            ids = self._topk_ids(h, max(ranks) + 1, 1, embeds, first=d).view(b, p, -1)
+            rows[:, kids] = ids[:, parent_at, ranks]
+        return rows[:, 1:]
+
     def _topk_ids(self, hidden: torch.Tensor, k: int, num_heads: int,
-                  embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids ``[num_heads, B, k]`` of the first heads' top-k guesses."""
+                  embeds: torch.Tensor | None = None, first: int = 0) -> torch.Tensor:
+        """Token ids ``[num_heads, B, k]`` of the top-k guesses of heads ``first`` on."""
         heads = self.heads
         assert heads is not None
         if self.draft_projection is not None:
-            x = heads.residual(hidden, num_heads, embeds).to(hidden.dtype)
+            x = heads.residual(hidden, num_heads, embeds, first).to(hidden.dtype)
             logits = self.draft_projection(x.reshape(-1, x.shape[-1]))
             return heads.map_tokens(logits.view(num_heads, hidden.shape[0], -1).topk(k, dim=-1).indices)
         if heads.shared_lm_head and self.compute_logits is not None:
-            x = heads.residual(hidden, num_heads, embeds)
+            x = heads.residual(hidden, num_heads, embeds, first)
             logits = self.compute_logits(x.reshape(-1, x.shape[-1]).to(hidden.dtype))
             if logits is not None:
                 logits = logits.view(num_heads, hidden.shape[0], -1)[..., : heads.vocab_size]
                 return logits.topk(k, dim=-1).indices  # no token_map here: draft_projection has it
         return heads.topk_token_ids(hidden, k, self.lm_head_weight, num_heads=num_heads,
-                                    token_embeds=embeds)
+                                    token_embeds=embeds, first=first)
 
     def propose(self, *args, **kwargs):
         """vLLM's custom-proposer entry point; tree drafting needs hidden states, so refuse clearly."""

@@ -179,6 +179,19 @@ class MedusaTree:
         return masks_to_dense(self.ancestor_mask_tensor(), self.num_rows)
 
     @cached_property
+    def levels(self) -> list[tuple[list[int], list[int], list[int], list[int]]]:
+        """Per depth d = 1..depth: (parent rows with children at d, the rows at d, each one's
+        parent as an index into the first list, each one's rank): how a tree is drafted depth by
+        depth by path-conditioned heads, which guess a node's children from its own token."""
+        out = []
+        for d in range(1, self.depth + 1):
+            rows = [r for r in range(1, self.num_rows) if self.depths[r] == d]
+            parents = sorted({self.parents[r] for r in rows})
+            where = {p: i for i, p in enumerate(parents)}
+            out.append((parents, rows, [where[self.parents[r]] for r in rows], [self.ranks[r] for r in rows]))
+        return out
+
+    @cached_property
     def is_chain(self) -> bool:
         return all(p == i for i, p in enumerate(self.parents[1:]))
 

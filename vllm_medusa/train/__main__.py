@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--token-conditioned", action="store_true",
                    help="heads also see the embedding of the token just produced (better guesses; "
                         "medusa_tree only, not upstream vLLM's Medusa)")
+    g.add_argument("--path-conditioned", action="store_true",
+                   help="with --token-conditioned: head k sees the token just before its target (the "
+                        "drafted path's), not the one just produced; trees are drafted depth by depth")
     g.add_argument("--softmax-vocab", choices=("full", "data"), default="full",
                    help="training softmax over the whole vocabulary, or only the answers' tokens (cheaper)")
     g.add_argument("--soft-targets", action="store_true",
@@ -231,7 +234,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         cfg = TrainConfig(num_heads=args.heads, num_layers=args.layers, lr=args.lr, epochs=args.epochs,
                           batch_size=args.batch_size, heldout_fraction=args.heldout,
                           shared_lm_head=not args.own_lm_head, softmax_vocab=args.softmax_vocab,
-                          token_conditioned=args.token_conditioned, draft_vocab=args.draft_vocab,
+                          token_conditioned=args.token_conditioned or args.path_conditioned,
+                          path_conditioned=args.path_conditioned, draft_vocab=args.draft_vocab,
                           softmax_size=args.softmax_size,
                           soft_targets=args.soft_targets, seed=args.seed)
         heads_out = out if recipe == "medusa-1" else warmup_heads

@@ -100,7 +100,8 @@ def _heads_and_ranks(feats: Any, heads_dir: str | os.PathLike, dtype: torch.dtyp
     heads = load_medusa_heads(heads_dir, hidden_size=hidden, vocab_size=vocab, dtype=dtype)
     ranks = head_ranks(heads, feats.hidden, feats.targets(heads.num_heads),
                        feats.lm_head if heads.shared_lm_head else None, topk=TOPK, compute_dtype=dtype,
-                       token_embeds=(feats.token_embeds(torch.arange(len(feats.tokens)))
+                       token_embeds=(feats.token_embeds(torch.arange(len(feats.tokens)),
+                                                        heads.num_heads if heads.path_conditioned else None)
                                      if heads.token_conditioned else None))
     return heads, ranks
 

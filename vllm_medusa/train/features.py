@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
+from ..heads import path_tokens
 from .distill import read_records
 
 IGNORE = -100
@@ -190,13 +191,18 @@ class Features:
     meta: dict[str, Any]
     embed_tokens: torch.Tensor | None = None  # [V, H] input embedding (older caches lack it)
 
-    def token_embeds(self, rows: torch.Tensor) -> torch.Tensor:
-        """Input embeddings of the tokens produced at ``rows`` (what token-conditioned heads see)."""
+    def token_embeds(self, rows: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
+        """Input embeddings of the tokens produced at ``rows`` (what token-conditioned heads see),
+        ``[N, H]``; with ``num_heads``, ``[K, N, H]`` of the token produced at row + k, the one
+        before head k's target (what path-conditioned heads see; past an answer's end the target
+        is IGNORE, so what is read there does not matter)."""
         if self.embed_tokens is None:
             raise ValueError(f"features from {self.meta.get('model')} have no embed_tokens.pt (cached "
                              "before token-conditioned heads): rerun the features stage, which keeps "
                              "the shards and adds it")
-        return self.embed_tokens[self.tokens[rows].long()]
+        if num_heads is None:
+            return self.embed_tokens[self.tokens[rows].long()]
+        return self.embed_tokens[path_tokens(self.tokens, num_heads, rows).long()]
 
     @property
     def record_starts(self) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..head_checkpoints import FASTERDECODING_WEIGHTS
-from ..heads import MedusaHeads, load_medusa_heads, save_medusa_heads
+from ..heads import MedusaHeads, load_medusa_heads, path_tokens, save_medusa_heads
 from .distill import read_records
 from .features import IGNORE, load_backbone, pad_batch
 from .trainer import _lr_at, medusa_loss
@@ -168,6 +168,8 @@ def joint_losses(model: Any, heads: MedusaHeads, records: Sequence[dict[str, Any
     hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state.flatten(0, 1)[rows]
     kl = kl_to_original(hidden @ lm_head.T, teacher_logits)
     tokens = torch.tensor([t for a in answers for t in a], dtype=torch.long)
+    if heads.path_conditioned:
+        tokens = path_tokens(tokens, heads.num_heads)
     embeds = model.get_input_embeddings().weight[tokens].detach() if heads.token_conditioned else None
     targets = _remap(head_targets(answers, heads.num_heads), heads.token_map, heads.vocab_size)
     logits = heads(hidden, lm_head.detach(), token_embeds=embeds)

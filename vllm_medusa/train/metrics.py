@@ -34,7 +34,8 @@ def head_ranks(heads: MedusaHeads, hidden: torch.Tensor, targets: torch.Tensor,
                token_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """``[N, K]`` rank (0-based) of the target among each head's top-``topk`` guesses.
 
-    ``token_embeds [N, H]``: embeddings of the tokens produced at each row (token-conditioned heads).
+    ``token_embeds [N, H]``: embeddings of the tokens produced at each row (token-conditioned heads);
+    ``[K, N, H]``: one token per head (path-conditioned heads).
 
     ``MISS`` (-1) when the target is not in the top-k, ``IGNORE`` where there is no target.
     """
@@ -44,7 +45,8 @@ def head_ranks(heads: MedusaHeads, hidden: torch.Tensor, targets: torch.Tensor,
     for start in range(0, n, batch_size):
         sl = slice(start, start + batch_size)
         with autocast(compute_dtype):
-            logits = heads(hidden[sl], w, token_embeds=None if token_embeds is None else token_embeds[sl])
+            logits = heads(hidden[sl], w, token_embeds=None if token_embeds is None else
+                           token_embeds[sl] if token_embeds.dim() == 2 else token_embeds[:, sl])
         top = heads.map_tokens(logits.topk(topk, dim=-1).indices)  # [K, B, topk]
         tgt = targets[sl].t().unsqueeze(-1)  # [K, B, 1]
         hit = top == tgt

@@ -60,6 +60,9 @@ class TrainConfig:
     # 28,139 in 2.8M); heads that draft from the 4096 most frequent never rank the rest anyway.
     softmax_size: int | None = None
     token_conditioned: bool = False
+    # Token-conditioned heads where head k sees the token just before its target (t+1+k: the
+    # bonus token for head 0, the drafted path's tokens for the others) instead of the bonus token.
+    path_conditioned: bool = False
     # Learn the base model's distribution of each target token, not only its (greedy) token.
     soft_targets: bool = False
     seed: int = 0
@@ -184,10 +187,12 @@ def train_heads(features: Features | str | os.PathLike, config: TrainConfig | No
     vocab, hidden_size = feats.lm_head.shape
     heads = MedusaHeads(cfg.num_heads, cfg.num_layers, hidden_size, vocab,
                         shared_lm_head=cfg.shared_lm_head, token_conditioned=cfg.token_conditioned,
-                        dtype=torch.float32)
+                        path_conditioned=cfg.path_conditioned, dtype=torch.float32)
 
     def embeds(rows: torch.Tensor) -> torch.Tensor | None:
-        return feats.token_embeds(rows).to(cdtype) if cfg.token_conditioned else None
+        if not cfg.token_conditioned:
+            return None
+        return feats.token_embeds(rows, cfg.num_heads if cfg.path_conditioned else None).to(cdtype)
 
     if cfg.token_conditioned:
         embeds(train_rows[:1])  # fail now, not after the first epoch, if the cache lacks them
