@@ -453,3 +453,19 @@ def test_proposer_drafts_path_conditioned_trees_depth_by_depth():
         for path in trees[b].paths:
             want[path] = guesses(b, want[path[:-1]], len(path) - 1)[path[-1]]
         assert drafts[b] == [want[p] for p in trees[b].paths]
+
+
+def test_inference_forward_follows_weight_updates():
+    """Outside autograd a multi-layer head reads a contiguous copy of each layer's weights; it gives
+    the same logits as the autograd path and is rebuilt when the weights change in place."""
+    heads, emb, lm_head = _path_heads(2)
+    hidden, per_head = torch.randn(B, H), emb[torch.randint(0, V, (K, B))]
+    with torch.inference_mode():
+        first = heads(hidden, lm_head, token_embeds=per_head)
+    torch.testing.assert_close(first, heads(hidden, lm_head, token_embeds=per_head).detach())
+    with torch.no_grad():
+        heads.block_weight[1, 1].mul_(-1)
+    with torch.inference_mode():
+        second = heads(hidden, lm_head, token_embeds=per_head)
+    assert not torch.allclose(first[1], second[1])
+    torch.testing.assert_close(second, heads(hidden, lm_head, token_embeds=per_head).detach())
