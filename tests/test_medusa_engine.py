@@ -277,3 +277,30 @@ def test_min_tokens_and_bad_words_equal_plain(medusa32, plain32, demo_model, pro
     _assert_same(got, want)
     assert all(len(g) >= p.min_tokens for g, p in zip(got, params))
     assert after["accepted_tokens"] > before["accepted_tokens"]
+
+
+def test_path_conditioned_heads_are_drafted_and_lossless(demo_model, demo_heads, plain32, prompts_and_params,
+                                                        tmp_path):
+    """Heads marked path-conditioned (the demo heads' weights, so head 0 guesses as well as before)
+    are drafted depth by depth in the engine: a branching tree with accepted branches, and greedy
+    output equal to plain greedy."""
+    import json
+    import shutil
+
+    from vllm import LLM
+
+    heads = tmp_path / "path-heads"
+    shutil.copytree(demo_heads, heads)
+    config = json.loads((heads / "config.json").read_text())
+    (heads / "config.json").write_text(json.dumps({**config, "token_conditioning": "path"}))
+    llm = LLM(model=str(demo_model), dtype="float32", max_model_len=MAX_MODEL_LEN, enforce_eager=True,
+              seed=0, speculative_config={"method": "medusa_tree", "model": str(heads), "tree": "small",
+                                          "adaptive": False})
+    try:
+        prompts, params = prompts_and_params
+        _assert_same(generate_tokens(llm, prompts, params), plain32[1])
+        stats = llm.collective_rpc("medusa_stats")[0]
+        assert stats["accepted_per_depth"][1] > 0 and stats["non_leftmost"] > 0, stats
+        assert llm.collective_rpc(lambda worker: worker.model_runner.drafter.heads.path_conditioned) == [True]
+    finally:
+        shutdown_llm(llm)
