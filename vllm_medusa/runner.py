@@ -527,6 +527,7 @@ class MedusaWorkerMixin:
         drafter = self.model_runner.drafter
         policy, lookup = drafter.policy, drafter.branch_stats
         return {**asdict(stats), "mean_acceptance_length": stats.mean_acceptance_length,
+                "heads": drafter.heads.extra_repr() if drafter.heads is not None else "",
                 "policy": policy.summary() if policy is not None else {},
                 "exploration": policy.exploration() if policy is not None else {},
                 "cost_model": policy.cost.to_dict() if policy is not None else {},
