@@ -102,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="heads also see the embedding of the token just produced (better guesses; "
                         "medusa_tree only, not upstream vLLM's Medusa)")
     g.add_argument("--path-conditioned", action="store_true",
-                   help="with --token-conditioned: head k sees the token just before its target (the "
-                        "drafted path's), not the one just produced; trees are drafted depth by depth")
+                   help="token-conditioned heads (implies --token-conditioned) where head k sees the token "
+                        "just before its target (the drafted path's), not the one just produced; trees are "
+                        "drafted depth by depth")
     g.add_argument("--softmax-vocab", choices=("full", "data"), default="full",
                    help="training softmax over the whole vocabulary, or only the answers' tokens (cheaper)")
     g.add_argument("--soft-targets", action="store_true",
