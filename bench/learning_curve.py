@@ -48,6 +48,11 @@ def parse_size(text: str) -> int:
     return int(float(text[:-1] if scale > 1 else text) * scale)
 
 
+def _line(q: dict[str, Any]) -> tuple[str, str, str, str]:
+    """What a point is a point of: (data, targets, mode, conditioning); a line in the plot."""
+    return q["data"], q["targets"], q["mode"], q["conditioning"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="base model folder (default: the demo model)")
@@ -89,11 +94,11 @@ def main() -> None:
     out = results_dir(args.out, args.name)
     result_file = out / "learning_curve.json"
     points: list[dict[str, Any]] = json.loads(result_file.read_text())["points"] if result_file.is_file() else []
-    for q in points:  # points written before --modes and --lr existed
+    for q in points:  # points written before --modes, --lr and --conditioning existed
         q.setdefault("mode", "scratch")
         q.setdefault("lr", 3e-3)
         q.setdefault("conditioning", "bonus")
-    done = {(q["data"], q["targets"], q["mode"], q["conditioning"], q["size"]) for q in points}
+    done = {(*_line(q), q["size"]) for q in points}
     sources = dict(item.split("=", 1) for item in args.data)
     sizes = sorted(parse_size(s) for s in args.sizes.split(","))
     targets = args.targets.split(",")
@@ -120,8 +125,7 @@ def main() -> None:
                           soft_targets=kind == "soft")
         init, start = None, 0
         if mode == "chained":
-            earlier = [q for q in points if (q["data"], q["targets"], q["mode"], q["conditioning"])
-                       == (name, kind, mode, cond) and q["size"] < size]
+            earlier = [q for q in points if _line(q) == (name, kind, mode, cond) and q["size"] < size]
             if earlier:
                 last = max(earlier, key=lambda q: q["size"])
                 init, start = chain_dir(name, kind, cond, last["size"]), last["records"]
@@ -159,21 +163,18 @@ def write_outputs(out: Path, points: list[dict[str, Any]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def key(q: dict[str, Any]) -> tuple[str, ...]:
-        return q["data"], q["targets"], q["mode"], q.get("conditioning", "bonus")
-
-    points = sorted(points, key=lambda q: (*key(q), q["size"]))
-    chain = [f"{q['chain_per_step']:.3f}" if "chain_per_step" in q else "-" for q in points]
-    rows = [[*key(q), f"{q['lr']:g}", f"{q['records']}", f"{_tokens(q) / 1e3:.0f}k",
-             f"{q['top1'][0]:.3f}", f"{q['top1'][1]:.3f}", f"{q['top1'][2]:.3f}", c, f"{q['per_step_4']:.3f}",
+    points = sorted(points, key=lambda q: (*_line(q), q["size"]))
+    rows = [[*_line(q), f"{q['lr']:g}", f"{q['records']}", f"{_tokens(q) / 1e3:.0f}k",
+             f"{q['top1'][0]:.3f}", f"{q['top1'][1]:.3f}", f"{q['top1'][2]:.3f}",
+             f"{q['chain_per_step']:.3f}" if "chain_per_step" in q else "-", f"{q['per_step_4']:.3f}",
              f"{q['per_step_16']:.3f}", f"{q['per_step_4_lookup']:.3f}", f"{q['train_seconds'] / 60:.1f}"]
-            for q, c in zip(points, chain)]
+            for q in points]
     header = ["data", "targets", "mode", "conditioning", "lr", "answers", "answer tokens", "head-0 top-1",
               "head-1 top-1", "head-2 top-1", "chain of 5", "4 nodes", "16 nodes", "4 nodes + lookup", "train min"]
     (out / "learning_curve.md").write_text(md_table(header, rows) + "\n")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for line_key in sorted({key(q) for q in points}):
-        line = [q for q in points if key(q) == line_key]
+    for line_key in sorted({_line(q) for q in points}):
+        line = [q for q in points if _line(q) == line_key]
         xs = [_tokens(q) for q in line]
         axes[0].plot(xs, [q["top1"][0] for q in line], "o-", label=" / ".join(line_key))
         axes[1].plot(xs, [q["per_step_16"] for q in line], "o-", label=" / ".join(line_key))

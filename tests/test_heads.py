@@ -362,6 +362,10 @@ def test_token_conditioned_checkpoint_errors(tmp_path):
     save_file(fd_state_dict(blocks, None), str(tmp_path / "medusa_lm_head.safetensors"))
     with pytest.raises(MedusaHeadsError, match="config says token_conditioned"):
         load(tmp_path)
+    write_config(tmp_path, token_conditioning="path")
+    with pytest.raises(MedusaHeadsError, match="config says token_conditioning 'path' but there are no "
+                                               r"\{h\}.token.weight tensors"):
+        load(tmp_path)
 
 
 def test_proposer_feeds_the_produced_token_to_token_conditioned_heads():

@@ -229,15 +229,15 @@ def _parse_keys(source: Path, tensors: dict[str, Tensor], config: Mapping[str, A
     if token_weights and sorted(token_weights) != heads:
         raise _fail(source, f"token-conditioned heads: token weights for heads {sorted(token_weights)}, "
                             f"but the checkpoint has heads {heads}")
-    if config.get("token_conditioned") and not token_weights:
-        raise _fail(source, "config says token_conditioned but there are no {h}.token.weight tensors")
-    if token_weights and num_layers < 1:
-        raise _fail(source, "token-conditioned heads need at least one residual block")
     if config.get("token_conditioning", "bonus") not in ("bonus", "path"):
         raise _fail(source, f"token_conditioning must be 'bonus' or 'path', got "
                             f"{config.get('token_conditioning')!r}")
-    if config.get("token_conditioning") == "path" and not token_weights:
-        raise _fail(source, "config says token_conditioning 'path' but there are no {h}.token.weight tensors")
+    claim = ("token_conditioned" if config.get("token_conditioned") else
+             "token_conditioning 'path'" if config.get("token_conditioning") == "path" else None)
+    if claim and not token_weights:
+        raise _fail(source, f"config says {claim} but there are no {{h}}.token.weight tensors")
+    if token_weights and num_layers < 1:
+        raise _fail(source, "token-conditioned heads need at least one residual block")
     return num_heads, num_layers, blocks, projs, single, token_map, token_weights
 
 
