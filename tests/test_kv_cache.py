@@ -74,24 +74,45 @@ def test_compaction_moves_skip_rows_in_place():
     assert src.tolist() == [112, 115] and dst.tolist() == [111, 112]
 
 
-@pytest.mark.parametrize("kind", ["transposed", "plain", "shuffled"])
-def test_block_views_match_slot_gather(kind):
+def _vllm_layout(isa: str, bs: int, hs: int, dtype: torch.dtype) -> CpuKVLayout:
+    ops = pytest.importorskip("vllm._custom_ops")
+    if isa == "amx" and not torch.cpu._is_amx_tile_supported():
+        pytest.skip("no AMX on this CPU")
+    write = lambda k, v, kc, vc, s: ops.cpu_attn_reshape_and_cache(k, v, kc, vc, s, isa)  # noqa: E731
+    return CpuKVLayout.probe(write, bs, hs, dtype)
+
+
+@pytest.mark.parametrize("kind", ["transposed", "plain", "shuffled", "vllm-vec", "vllm-amx", "vllm-vec16"])
+def test_read_blocks_matches_slot_gather(kind):
+    """Every packing vLLM writes is read as a strided view (no element-wise gather), and reads the
+    same values as the slot-by-slot gather; an arbitrary permutation still reads correctly."""
     bs, hs, nb, h = 16, 32, 5, 2
     n = bs * hs
+    dtype = torch.float32
     if kind == "transposed":
         layout = CpuKVLayout.probe(_transposed_k_writer(bs, hs), bs, hs)
     elif kind == "plain":
         layout = CpuKVLayout.plain(bs, hs)
-    else:
+    elif kind == "shuffled":
         perm = torch.randperm(2 * n, generator=torch.Generator().manual_seed(0))
         layout = CpuKVLayout(perm[:n].view(bs, hs), perm[n:].view(bs, hs), bs, hs)
-    kv = torch.randn(nb, h, bs, 2 * hs)
+        assert layout.k_strides is None
+    else:
+        isa = kind.split("-")[1]
+        bs, hs, dtype = {"amx": (32, 64, torch.bfloat16), "vec": (16, 64, torch.bfloat16),
+                         "vec16": (16, 80, torch.bfloat16)}[isa]
+        layout = _vllm_layout(isa, bs, hs, dtype)
+        assert layout.k_strides is not None and layout.v_strides is not None
+    kv = torch.randn(nb, h, bs, 2 * hs).to(dtype)
     block_ids = torch.tensor([[3, 1], [4, 0]])
-    k, v = (x.reshape(2, h, -1, hs) for x in layout.block_views(kv, block_ids))
+    kt = torch.full((2, h, hs, 2 * bs + 3), float("nan"))  # slices of wider buffers, as in use
+    v = torch.full((2, h, 2 * bs + 3, hs), float("nan"))
+    layout.read_blocks(kv, block_ids, kt[..., :2 * bs], v[:, :, :2 * bs])
     for r in range(2):
         slots = (block_ids[r, :, None] * bs + torch.arange(bs)).reshape(-1)
         gk, gv = layout.gather(kv, slots)
-        assert torch.equal(k[r], gk.transpose(0, 1)) and torch.equal(v[r], gv.transpose(0, 1))
+        assert torch.equal(kt[r, ..., :2 * bs], gk.permute(1, 2, 0).float())
+        assert torch.equal(v[r, :, :2 * bs], gv.transpose(0, 1).float())
 
 
 def test_several_kv_cache_groups_are_refused():

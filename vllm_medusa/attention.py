@@ -86,29 +86,25 @@ class TreeAttentionBatch:
                                   query_starts[0] if r == 1 and all_valid else None)
 
 
-def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   k_blocks: torch.Tensor, v_blocks: torch.Tensor, batch: TreeAttentionBatch,
-                   scale: float) -> torch.Tensor:
+def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                   layout: CpuKVLayout, batch: TreeAttentionBatch, scale: float) -> torch.Tensor:
     """Attention of the tree rows; returns ``[R, N, kv_heads, g, head_size]`` float32, where the
     ``kv_heads * g`` query heads are in vLLM's order (padding rows included).
 
     ``query``/``key``/``value`` are this step's rows ``[T, heads, head_size]`` (keys already
-    rotated); ``k_blocks``/``v_blocks`` the context blocks ``[R, kv_heads, nb, block_size,
-    head_size]`` (any strides). Computed in float32: the tree path must agree with plain decoding to
-    the last bit that matters.
+    rotated); the context is read from the paged ``kv_cache`` through ``layout``. Computed in
+    float32: the tree path must agree with plain decoding to the last bit that matters.
     """
     r, n = batch.row_index.shape
-    _, hk, nb, bs, d = k_blocks.shape
+    hk, d = kv_cache.shape[1], query.shape[-1]
     g = query.shape[1] // hk
-    c = nb * bs
+    c = batch.block_ids.shape[1] * layout.block_size
     rows = batch.rows
-    # K is laid out transposed, [R, Hk, D, keys], so the scores are one batched matmul; the CPU
-    # cache stores K transposed within a block, which makes this a copy of contiguous rows.
+    # K is laid out transposed, [R, Hk, D, keys], so the scores are one batched matmul.
     kt = torch.empty((r, hk, d, c + n), dtype=torch.float32, device=query.device)
-    kt[..., :c].view(r, hk, d, nb, bs).copy_(k_blocks.permute(0, 1, 4, 2, 3))
-    kt[..., c:].copy_(rows(key).permute(0, 2, 3, 1))
     v = torch.empty((r, hk, c + n, d), dtype=torch.float32, device=query.device)
-    v[:, :, :c].view(r, hk, nb, bs, d).copy_(v_blocks)
+    layout.read_blocks(kv_cache, batch.block_ids, kt[..., :c], v[:, :, :c])
+    kt[..., c:].copy_(rows(key).permute(0, 2, 3, 1))
     v[:, :, c:].copy_(rows(value).transpose(1, 2))
     # Stack the g query heads of each KV head along the rows: [R * Hk, g * N, D].
     q = torch.empty((r, hk, g, n, d), dtype=torch.float32, device=query.device)
@@ -123,8 +119,7 @@ def paged_tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
                          kv_cache: torch.Tensor, layout: CpuKVLayout, batch: TreeAttentionBatch,
                          scale: float, output: torch.Tensor) -> None:
     """Overwrite ``output`` (``[T, heads, head_size]``) at the tree rows with tree attention."""
-    k_blocks, v_blocks = layout.block_views(kv_cache, batch.block_ids)
-    out = tree_attention(query, key, value, k_blocks, v_blocks, batch, scale)
+    out = tree_attention(query, key, value, kv_cache, layout, batch, scale)
     r, n = batch.row_index.shape
     if batch.single_start is not None:  # one tree request: its rows are contiguous
         start = batch.single_start

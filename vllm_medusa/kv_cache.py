@@ -31,12 +31,11 @@ class CpuKVLayout:
     def __init__(self, k_index: torch.Tensor, v_index: torch.Tensor, block_size: int, head_size: int):
         self.k_index, self.v_index = k_index, v_index
         self.block_size, self.head_size = block_size, head_size
-        n = block_size * head_size
-        plain = torch.arange(n).view(block_size, head_size)
-        # The packings vLLM uses today are views: K transposed or plain, V plain, K region first.
-        self.k_transposed = torch.equal(k_index, plain.view(head_size, block_size).t())
-        self.k_plain = torch.equal(k_index, plain)
-        self.v_plain = torch.equal(v_index, plain + n)
+        # The packings vLLM uses are strided: plain, K transposed, and AMX's VNNI tiles, where a
+        # slot and a head dim each split into a few digits with their own strides. Found here, they
+        # let a whole block be read with one strided copy instead of an element-wise gather.
+        self.k_strides = _strided_packing(k_index)
+        self.v_strides = _strided_packing(v_index)
 
     @staticmethod
     def plain(block_size: int, head_size: int) -> "CpuKVLayout":
@@ -85,27 +84,35 @@ class CpuKVLayout:
         v = flat[blocks[:, None], :, self.v_index[offs]]
         return k.transpose(1, 2), v.transpose(1, 2)
 
-    def block_views(self, kv_cache: torch.Tensor, block_ids: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of whole blocks, ``block_ids [R, nb]`` -> two ``[R, kv_heads, nb, block_size,
-        head_size]`` views (token order within each request) of one gathered copy, so a caller can
-        convert and place them with a single copy."""
+    def read_blocks(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, kt_out: torch.Tensor,
+                    v_out: torch.Tensor) -> None:
+        """Copy (and convert) the K/V of whole blocks ``block_ids [R, nb]`` into ``kt_out [R,
+        kv_heads, head_size, nb * block_size]`` (K transposed: the scores are then one matmul) and
+        ``v_out [R, kv_heads, nb * block_size, head_size]``, in token order (any strides, e.g.
+        slices of larger buffers). One gather of the blocks, then one copy per operand."""
         r, nb = block_ids.shape
-        bs, hs = self.block_size, self.head_size
         h = kv_cache.shape[1]
-        flat = kv_cache.index_select(0, block_ids.reshape(-1)).view(r, nb, h, 2 * bs * hs)
-        k_region, v_region = flat[..., : bs * hs], flat[..., bs * hs:]
-        if self.k_transposed:
-            k = k_region.reshape(r, nb, h, hs, bs).permute(0, 2, 1, 4, 3)
-        elif self.k_plain:
-            k = k_region.reshape(r, nb, h, bs, hs).permute(0, 2, 1, 3, 4)
-        else:
-            k = flat.index_select(-1, self.k_index.reshape(-1)).view(r, nb, h, bs, hs).permute(0, 2, 1, 3, 4)
-        if self.v_plain:
-            v = v_region.reshape(r, nb, h, bs, hs).permute(0, 2, 1, 3, 4)
-        else:
-            v = flat.index_select(-1, self.v_index.reshape(-1)).view(r, nb, h, bs, hs).permute(0, 2, 1, 3, 4)
-        return k, v
+        region = 2 * self.block_size * self.head_size
+        blocks = kv_cache.index_select(0, block_ids.reshape(-1))
+        for out, strides, index, transposed in ((kt_out, self.k_strides, self.k_index, True),
+                                                (v_out, self.v_strides, self.v_index, False)):
+            if strides is None:  # not strided: an element-wise gather (no vLLM packing needs it)
+                src = blocks.view(r, nb, h, region).index_select(-1, index.reshape(-1))
+                src = src.view(r, nb, h, self.block_size, self.head_size)
+                slot_dims, dim_dims = [(self.block_size, self.head_size)], [(self.head_size, 1)]
+            else:
+                base, slot_dims, dim_dims = strides
+                src = blocks.view(r, nb, h, region)[..., base:]
+                sizes = [r, nb, h] + [n for n, _ in slot_dims] + [n for n, _ in dim_dims]
+                step = [nb * h * region, h * region, region] + [st for _, st in slot_dims + dim_dims]
+                src = src.as_strided(sizes, step, src.storage_offset())
+            ns, nd = len(slot_dims), len(dim_dims)
+            slots = list(range(3, 3 + ns))
+            dims = list(range(3 + ns, 3 + ns + nd))
+            order = [0, 2] + (dims + [1] + slots if transposed else [1] + slots + dims)
+            shape = [n for n, _ in (dim_dims + [(nb, 0)] + slot_dims if transposed
+                                    else [(nb, 0)] + slot_dims + dim_dims)]
+            out.view(r, h, *shape).copy_(src.permute(order))
 
     def copy_slots(self, kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy K/V of ``src`` slots to ``dst`` slots (all sources read before any write)."""
@@ -118,6 +125,36 @@ class CpuKVLayout:
         idx_src = torch.cat([self.k_index[so], self.v_index[so]], dim=1)
         idx_dst = torch.cat([self.k_index[do], self.v_index[do]], dim=1)
         flat[db[:, None], :, idx_dst] = flat[sb[:, None], :, idx_src]
+
+
+def _digits(offsets: list[int]) -> list[tuple[int, int]] | None:
+    """``offsets[i]`` (with ``offsets[0] == 0``) as a mixed-radix sum ``sum(digit_j * stride_j)``:
+    the (size, stride) of each digit, outermost first, or None if there is no such split."""
+    digits: list[tuple[int, int]] = []
+    g = offsets
+    while len(g) > 1:
+        stride = g[1] - g[0]
+        size = 1
+        while size < len(g) and g[size] == size * stride:
+            size += 1
+        if len(g) % size or any(g[q + i] != g[q] + i * stride
+                                for q in range(0, len(g), size) for i in range(size)):
+            return None
+        digits.append((size, stride))
+        g = [g[q] - g[0] for q in range(0, len(g), size)]
+    return digits[::-1] or [(1, 0)]
+
+
+def _strided_packing(index: torch.Tensor):
+    """``index [block_size, head_size]`` (flat offsets) as ``(base, slot digits, dim digits)``, or
+    None when it is not a strided view."""
+    base = int(index[0, 0])
+    rel = index - base
+    slot_digits = _digits(rel[:, 0].tolist())
+    dim_digits = _digits(rel[0, :].tolist())
+    if slot_digits is None or dim_digits is None or not torch.equal(rel, rel[:, :1] + rel[:1, :]):
+        return None
+    return base, slot_digits, dim_digits
 
 
 def require_single_kv_cache_group(kv_cache_config) -> None:
