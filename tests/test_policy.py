@@ -179,3 +179,27 @@ def test_the_prior_alone_speculates_only_for_a_clear_gain():
         p.record_step(4, chain1, 4, 4 / 105.0)
         p.record_step(4, p.candidates[0], 4, 4 / 100.0)
     assert p.choose(4) is chain1
+
+
+def test_tree_pass_fitted_from_start_up_measurements():
+    """The tree-pass terms are recovered from (requests, nodes) timings, never negative, and
+    survive a round trip; a prior that knows the tree pass is dear keeps to chains."""
+    import pytest
+
+    true = StepCostModel(tree_pass=0.001, tree_per_request=0.005, per_node=0.0001)
+    shapes = [(1, 4), (1, 16), (2, 4), (2, 16), (4, 4), (4, 16), (8, 16)]
+    m = StepCostModel().fit_tree_pass({s: true.tree_pass_cost(*s) for s in shapes})
+    assert (m.tree_pass, m.tree_per_request, m.per_node) == pytest.approx((0.001, 0.005, 0.0001), rel=1e-6)
+    assert StepCostModel.from_dict(m.to_dict()) == m
+    # Cheaper per request at larger batches than a line through the origin says: no negative term.
+    bent = StepCostModel().fit_tree_pass({(1, 4): 0.0066, (1, 16): 0.0080, (4, 4): 0.0171, (4, 16): 0.0259})
+    assert min(bent.tree_pass, bent.tree_per_request, bent.per_node) >= 0
+    assert bent.tree_pass_cost(1, 16) == pytest.approx(0.008, rel=0.25)
+    with pytest.raises(ValueError, match="tree-pass"):
+        StepCostModel().fit_tree_pass({(1, 4): 0.006, (1, 16): 0.008})
+    flat = {1: 0.045, 2: 0.046, 4: 0.047, 8: 0.049, 16: 0.060, 32: 0.080}
+    cheap = StepCostModel.fit(flat, draft=0.003, tree_pass=0.0, tree_per_request=0.0, per_node=0.0)
+    dear = StepCostModel.fit(flat, draft=0.003, tree_pass=0.0, tree_per_request=0.040, per_node=0.001)
+    tree = MedusaTree.from_paths(MC_SIM_7B_63)
+    assert not TreeBudgetPolicy.for_tree(tree, ACC, cost=cheap).prior_choice(1).is_chain
+    assert TreeBudgetPolicy.for_tree(tree, ACC, cost=dear).prior_choice(1).is_chain

@@ -107,6 +107,10 @@ def _make_cpu_runner_cls():
         def _medusa_copy_slots(self, kv: torch.Tensor, src: torch.Tensor, dst: torch.Tensor):
             self._medusa_layout(kv).copy_slots(kv, src, dst)
 
+        def _medusa_tree_pass(self, kv, query, key, value, output, batch, scale):
+            paged_tree_attention(query, key, value, kv, self._medusa_layout(kv), batch, scale,
+                                 output.view(query.shape))
+
     return MedusaCPUModelRunner
 
 

@@ -164,6 +164,9 @@ def _make_gpu_worker_cls():
             head_size = self.model_config.get_head_size()
             copy_slots(*kv_views(kv, head_size), src, dst)
 
+        def _medusa_tree_pass(self, kv, query, key, value, output, batch, scale):
+            run_tree_pass(query, kv, query.shape[-1], scale, output, batch)
+
     class MedusaGPUWorker(MedusaWorkerMixin, Worker):
         """GPU worker building the Medusa runner (``Worker._make_model_runner`` is meant for this)."""
 

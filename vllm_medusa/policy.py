@@ -8,7 +8,8 @@ candidate with the most tokens per second for the current B.
 Two sources for that rate:
 - a *prior*: E(t) from the heads' accuracies (``accuracies.json``; scaled by the acceptance the
   engine observes, since independent-head estimates run optimistic) over a step-cost model (flat up
-  to the hardware's knee, then per token; ``$VLLM_MEDUSA_COST_PROFILE`` from ``bench/calibrate.py``);
+  to the hardware's knee, then per token, plus the tree pass of branching trees; all measured at
+  engine start, or ``$VLLM_MEDUSA_COST_PROFILE`` from ``bench/calibrate.py``);
 - *measurement*: the runner reports every pure-decode step's emitted tokens and wall period, and the
   policy keeps a moving average per (batch bucket, candidate). Measured rates replace the prior,
   and the prior (rescaled to the measured ones) only decides which untried candidates are worth a
@@ -26,8 +27,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
+
+import torch
 
 from vllm_medusa.trees import MedusaTree, chain, expected_acceptance_length, node_values
 
@@ -38,6 +41,9 @@ _TREE_SIZES = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 _MAX_CHAIN = 4
 
 
+_COST_KEYS = ("base", "knee", "per_token", "draft", "per_node", "tree_pass", "tree_per_request")
+
+
 @dataclass(frozen=True)
 class StepCostModel:
     """Seconds per forward step: tokens in the step, plus the cost of speculating at all."""
@@ -46,8 +52,11 @@ class StepCostModel:
     knee: int = 6
     per_token: float = 0.004
     draft: float = 0.006
-    per_node: float = 0.0006
-    tree_pass: float = 0.005  # recomputing branching-tree rows in every layer (~5 ms at batch 1 here)
+    # The tree pass (branching trees only): every layer rereads each tree request's context and
+    # recomputes its rows. Measured at start-up (``fit_tree_pass``); these are an AMX CPU's figures.
+    per_node: float = 0.00012  # per verified node of each request
+    tree_pass: float = 0.0  # once per step
+    tree_per_request: float = 0.006  # per branching request (its context, in every layer)
     points: tuple[tuple[int, float], ...] = ()  # measured (tokens, seconds): interpolated if given
 
     def cost(self, tokens: int) -> float:
@@ -64,12 +73,16 @@ class StepCostModel:
         """A step of ``batch`` requests verifying ``nodes`` nodes each."""
         t = self.cost(batch * (nodes + 1))
         if nodes:
-            t += self.draft + (self.tree_pass + self.per_node * batch * nodes if branching else 0.0)
+            t += self.draft + (self.tree_pass_cost(batch, nodes) if branching else 0.0)
         return t
+
+    def tree_pass_cost(self, batch: int, nodes: int) -> float:
+        """The tree pass of a step where ``batch`` requests verify branching trees of ``nodes``."""
+        return self.tree_pass + self.tree_per_request * batch + self.per_node * batch * nodes
 
     @staticmethod
     def from_dict(data: dict) -> "StepCostModel":
-        keys = ("base", "knee", "per_token", "draft", "per_node", "tree_pass")
+        keys = _COST_KEYS
         values = {k: data[k] for k in keys if k in data}
         if not all(isinstance(v, (int, float)) and v >= 0 for v in values.values()):
             raise ValueError(f"step-cost model needs non-negative numbers, got {values}")
@@ -82,7 +95,7 @@ class StepCostModel:
         return StepCostModel(**values, points=points)
 
     def to_dict(self) -> dict:
-        d: dict = {k: getattr(self, k) for k in ("base", "knee", "per_token", "draft", "per_node", "tree_pass")}
+        d: dict = {k: getattr(self, k) for k in _COST_KEYS}
         if self.points:
             d["points"] = [list(p) for p in self.points]
         return d
@@ -120,6 +133,29 @@ class StepCostModel:
         _, base, per_token, knee = best
         return StepCostModel(base=base, knee=knee, per_token=max(per_token, 1e-6),
                              points=tuple((t, points[t]) for t in ts), **fixed)
+
+    def fit_tree_pass(self, points: dict[tuple[int, int], float]) -> "StepCostModel":
+        """This model with its tree-pass terms fitted to measured ``(requests, nodes) -> seconds``
+        of the tree pass alone: non-negative least squares of ``tree_pass + tree_per_request * R +
+        per_node * R * nodes`` in relative error."""
+        if len(points) < 3 or any(sec <= 0 for sec in points.values()):
+            raise ValueError(f"need positive tree-pass times for at least 3 shapes, got {points}")
+        keys = sorted(points)
+        rows = torch.tensor([[1.0, r, r * n] for r, n in keys], dtype=torch.float64)
+        y = torch.tensor([points[k] for k in keys], dtype=torch.float64)
+        w = 1.0 / y
+        free = [0, 1, 2]
+        coef = torch.zeros(3, dtype=torch.float64)
+        while free:
+            a = rows[:, free] * w[:, None]
+            sol = torch.linalg.lstsq(a, (y * w)[:, None]).solution[:, 0]
+            coef.zero_()
+            coef[free] = sol
+            if (sol >= 0).all():
+                break
+            free = [f for f, v in zip(free, sol.tolist()) if v > 0]  # drop the terms fitted negative
+        tree_pass, per_request, per_node = coef.tolist()
+        return replace(self, tree_pass=tree_pass, tree_per_request=per_request, per_node=per_node)
 
     @staticmethod
     def default() -> "StepCostModel":

@@ -22,7 +22,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: the cost model carries the measured tree pass
 
 
 def cache_dir() -> Path | None:

@@ -149,13 +149,16 @@ class MedusaTreeProposer:
                 logger.warning("Medusa policy profile %s ignored (%s); measuring afresh", self.store.path, e)
         self.needs_calibration = not explicit
 
-    def calibrate(self, forward_seconds: dict[int, float], draft_seconds: float) -> StepCostModel:
+    def calibrate(self, forward_seconds: dict[int, float], draft_seconds: float,
+                  tree_pass_seconds: dict[tuple[int, int], float] | None = None) -> StepCostModel:
         """Set the policy's step-cost model from start-up timings of forward passes carrying T tokens
-        (``forward_seconds``) and of drafting one request's tree; saved with the profile."""
+        (``forward_seconds``), of drafting one request's tree and of the tree pass of attention for
+        (requests, nodes) (``tree_pass_seconds``; the prior's figures stand without them). Saved
+        with the profile."""
         assert self.policy is not None
-        default = StepCostModel()
-        cost = StepCostModel.fit(forward_seconds, draft=draft_seconds + _BOOKKEEPING_S,
-                                 per_node=default.per_node, tree_pass=default.tree_pass)
+        cost = StepCostModel.fit(forward_seconds, draft=draft_seconds + _BOOKKEEPING_S)
+        if tree_pass_seconds and len(tree_pass_seconds) >= 3:
+            cost = cost.fit_tree_pass(tree_pass_seconds)
         self.policy.set_cost(cost)
         self.needs_calibration = False
         logger.info("Medusa step-cost profile measured at start-up: %s", cost.to_dict())

@@ -276,7 +276,56 @@ class MedusaTreeRunnerMixin:
                 sync()
                 draft.append(time.perf_counter() - t0)
         if len(points) >= 3:
-            drafter.calibrate(points, min(draft[1:]) if draft else 0.0)
+            tree_pass = self._medusa_time_tree_pass(tree, repeats=repeats) if tree is not None else {}
+            drafter.calibrate(points, min(draft[1:]) if draft else 0.0, tree_pass)
+
+    @torch.inference_mode()
+    def _medusa_time_tree_pass(self, tree: MedusaTree, ctx: int = 256, repeats: int = 2,
+                               sizes: tuple[int, ...] = (1, 2, 4, 8)) -> dict[tuple[int, int], float]:
+        """Seconds of the tree pass alone (every layer) for R requests, each verifying ``tree`` or
+        its first 4 nodes over ``ctx`` context tokens: what a branching tree adds to a step. The
+        contexts get distinct blocks in the block table for the measurement (cleared after); the
+        cache is only read."""
+        caches = [kv for kv in self.kv_caches if kv is not None]
+        if not caches or tree.is_chain:
+            return {}
+        mc, pc = self.model_config, self.parallel_config
+        hq, hk, d = mc.get_num_attention_heads(pc), mc.get_num_kv_heads(pc), mc.get_head_size()
+        table = self.input_batch.block_table[0]
+        nb = (ctx + table.block_size - 1) // table.block_size
+        free = self.kv_cache_config.num_blocks - 1  # block 0 is vLLM's null block
+        limit = self.scheduler_config.max_num_batched_tokens
+        sizes = tuple(r for r in sizes if r <= self.input_batch.max_num_reqs and r * nb <= free
+                      and r * (tree.num_rows) <= limit)
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        points: dict[tuple[int, int], float] = {}
+        try:
+            for r in sizes:
+                for i in range(r):
+                    table.add_row(list(range(1 + i * nb, 1 + (i + 1) * nb)), i)
+                table.commit_block_table(r)
+                for n in sorted({min(4, tree.num_nodes), tree.num_nodes}):
+                    t = tree.truncate(n)
+                    batch = self._medusa_attention_batch([(i, i * t.num_rows, ctx, t) for i in range(r)])
+                    rows = r * t.num_rows
+                    q = torch.randn(rows, hq, d, dtype=self.dtype, device=self.device)
+                    k = torch.randn(rows, hk, d, dtype=self.dtype, device=self.device)
+                    v = torch.randn(rows, hk, d, dtype=self.dtype, device=self.device)
+                    out = torch.empty(rows, hq * d, dtype=self.dtype, device=self.device)
+                    times = []
+                    for _ in range(repeats + 1):
+                        sync()
+                        t0 = time.perf_counter()
+                        for kv in caches:
+                            self._medusa_tree_pass(kv, q, k, v, out, batch, d ** -0.5)
+                        sync()
+                        times.append(time.perf_counter() - t0)
+                    points[(r, n)] = min(times[1:])
+        finally:
+            for i in range(max(sizes, default=0)):
+                table.clear_row(i)
+            table.commit_block_table(max(sizes, default=0))
+        return points
 
     # -- inputs --------------------------------------------------------------------------------
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
