@@ -12,17 +12,19 @@ ops = pytest.importorskip("vllm._custom_ops")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("which", [slice(None), slice(1, 2)], ids=["three-requests", "one-request"])
+@pytest.mark.parametrize("which", [[0, 1, 2], [1], [2, 3]], ids=["three-requests", "one-request", "one-run"])
 def test_ragged_trees_match_reference(dtype, which):
-    """Several ragged tree requests (the padded batched path) and a single one (its rows in place)."""
+    """Several ragged tree requests (the padded batched path), a single one, and same-size trees
+    back to back (both read and written in place as one run)."""
     torch.manual_seed(0)
     bs, hk, hq, d = 32, 3, 9, 64
     write = lambda k, v, kc, vc, s: ops.cpu_attn_reshape_and_cache(k, v, kc, vc, s, "vec")  # noqa: E731
     layout = CpuKVLayout.probe(write, bs, d, dtype)
     trees = [MedusaTree.from_paths(MC_SIM_7B_63[:20]), MedusaTree.from_paths(MC_SIM_7B_63),
-             MedusaTree.from_paths([(0,), (1,), (0, 0)])]
-    ctx_lens = [0, 31, 70]  # empty context, one ending just before a block boundary, several blocks
-    trees, ctx_lens = trees[which], ctx_lens[which]
+             MedusaTree.from_paths([(0,), (1,), (0, 0)]), MedusaTree.from_paths([(0,), (0, 0), (1,)])]
+    # empty context, one ending just before a block boundary, several blocks
+    ctx_lens = [0, 31, 70, 45]
+    trees, ctx_lens = [trees[i] for i in which], [ctx_lens[i] for i in which]
     nb = 16
     kv = torch.zeros(nb, hk, bs, 2 * d, dtype=dtype)
     kc, vc = kv.view(nb, hk, 2 * bs, d).chunk(2, dim=2)
@@ -51,6 +53,7 @@ def test_ragged_trees_match_reference(dtype, which):
         row += tree.num_rows
     q, key, value = torch.cat(q_rows), torch.cat(k_rows), torch.cat(v_rows)
     batch = TreeAttentionBatch.build(starts, [t.ancestor_masks for t in trees], ctx_lens, ctx_blocks, bs)
+    assert (batch.start is not None) == (len(which) != 3)
     out = torch.full_like(q, float("nan"))
     paged_tree_attention(q, key, value, kv, layout, batch, d ** -0.5, out)
     qsl = torch.tensor(starts + [row], dtype=torch.int32)

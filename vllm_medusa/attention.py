@@ -36,13 +36,14 @@ class TreeAttentionBatch:
     block_ids: torch.Tensor  # [R, B] int64
     mask: torch.Tensor  # [R, N, B * block_size + N] bool
     all_valid: bool
-    single_start: int | None = None  # first batch row when there is one tree request
+    start: int | None = None  # first batch row when all tree rows are one run (same-size trees, back to back)
     _biases: dict = field(default_factory=dict, repr=False)
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [T, ...]`` at the tree rows, ``[R, N, ...]``: a view when there is one tree request."""
-        if self.single_start is not None:
-            return x[self.single_start:self.single_start + self.row_index.shape[1]].unsqueeze(0)
+        """``x [T, ...]`` at the tree rows, ``[R, N, ...]``: a view when the rows are one run."""
+        if self.start is not None:
+            r, n = self.row_index.shape
+            return x[self.start:self.start + r * n].view(r, n, *x.shape[1:])
         return x[self.row_index]
 
     def head_bias(self, g: int, kv_heads: int) -> torch.Tensor:
@@ -81,9 +82,9 @@ class TreeAttentionBatch:
             mask[i, :k, c:c + k] = masks_to_dense(torch.tensor(masks, dtype=torch.int64), k)
             mask[i, k:, c + k:] = torch.eye(n - k, dtype=torch.bool)  # padding rows: no NaN
         all_valid = bool(row_valid.all())
+        run = all_valid and torch.equal(row_index.view(-1), torch.arange(query_starts[0], query_starts[0] + r * n))
         return TreeAttentionBatch(row_index.to(device), row_valid.to(device), blocks.to(device),
-                                  mask.to(device), all_valid,
-                                  query_starts[0] if r == 1 and all_valid else None)
+                                  mask.to(device), all_valid, query_starts[0] if run else None)
 
 
 def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -121,9 +122,8 @@ def paged_tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     """Overwrite ``output`` (``[T, heads, head_size]``) at the tree rows with tree attention."""
     out = tree_attention(query, key, value, kv_cache, layout, batch, scale)
     r, n = batch.row_index.shape
-    if batch.single_start is not None:  # one tree request: its rows are contiguous
-        start = batch.single_start
-        output[start:start + n].view(out.shape[1:]).copy_(out[0])
+    if batch.start is not None:  # the tree rows are one run: write them in place
+        output[batch.start:batch.start + r * n].view(out.shape).copy_(out)
         return
     rows = torch.empty(out.shape, dtype=output.dtype, device=output.device)
     rows.copy_(out)
