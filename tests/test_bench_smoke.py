@@ -146,3 +146,17 @@ def test_learning_curve_smoke(tmp_path: Path) -> None:
     added = json.loads((tmp_path / "out" / "learning_curve.json").read_text())["points"][len(points):]
     assert [(q["conditioning"], q["targets"], q["size"]) for q in added] == [("path", "hard", 200)]
     assert "| syn | hard | scratch | path |" in (tmp_path / "out" / "learning_curve.md").read_text()
+
+
+def test_tree_pass_smoke(tmp_path: Path) -> None:
+    """bench/tree_pass.py times both reads of the packed cache for every configuration and writes
+    its table (no timings are checked)."""
+    pytest.importorskip("vllm._custom_ops")
+    out = tmp_path / "tree_pass.md"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "tree_pass.py"), "--contexts", "60,200",
+                           "--requests", "1,3", "--seconds", "0.01", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 2 * 2 * 2  # header + trees x contexts x requests
+    assert all(line.endswith("x |") for line in rows[1:])
