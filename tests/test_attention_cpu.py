@@ -11,14 +11,17 @@ from vllm_medusa.trees import MC_SIM_7B_63, MedusaTree, chain
 ops = pytest.importorskip("vllm._custom_ops")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,isa", [(torch.float32, "vec"), (torch.bfloat16, "vec"), (torch.bfloat16, "amx")])
 @pytest.mark.parametrize("which", [[0, 1, 2], [1], [2, 3]], ids=["three-requests", "one-request", "one-run"])
-def test_ragged_trees_match_reference(dtype, which):
+def test_ragged_trees_match_reference(dtype, isa, which):
     """Several ragged tree requests (the padded batched path), a single one, and same-size trees
-    back to back (both read and written in place as one run)."""
+    back to back (both read and written in place as one run), on the cache packings vLLM writes
+    (``amx``: bf16 on CPUs with AMX tiles)."""
+    if isa == "amx" and not torch.cpu._is_amx_tile_supported():
+        pytest.skip("no AMX on this CPU")
     torch.manual_seed(0)
     bs, hk, hq, d = 32, 3, 9, 64
-    write = lambda k, v, kc, vc, s: ops.cpu_attn_reshape_and_cache(k, v, kc, vc, s, "vec")  # noqa: E731
+    write = lambda k, v, kc, vc, s: ops.cpu_attn_reshape_and_cache(k, v, kc, vc, s, isa)  # noqa: E731
     layout = CpuKVLayout.probe(write, bs, d, dtype)
     trees = [MedusaTree.from_paths(MC_SIM_7B_63[:20]), MedusaTree.from_paths(MC_SIM_7B_63),
              MedusaTree.from_paths([(0,), (1,), (0, 0)]), MedusaTree.from_paths([(0,), (0, 0), (1,)])]
