@@ -145,7 +145,7 @@ def _digits(offsets: list[int]) -> list[tuple[int, int]] | None:
     return digits[::-1] or [(1, 0)]
 
 
-def _strided_packing(index: torch.Tensor):
+def _strided_packing(index: torch.Tensor) -> tuple[int, list[tuple[int, int]], list[tuple[int, int]]] | None:
     """``index [block_size, head_size]`` (flat offsets) as ``(base, slot digits, dim digits)``, or
     None when it is not a strided view."""
     base = int(index[0, 0])

@@ -296,7 +296,7 @@ class MedusaTreeRunnerMixin:
         free = self.kv_cache_config.num_blocks - 1  # block 0 is vLLM's null block
         limit = self.scheduler_config.max_num_batched_tokens
         sizes = tuple(r for r in sizes if r <= self.input_batch.max_num_reqs and r * nb <= free
-                      and r * (tree.num_rows) <= limit)
+                      and r * tree.num_rows <= limit)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         points: dict[tuple[int, int], float] = {}
         try:
