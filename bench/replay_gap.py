@@ -48,7 +48,7 @@ def main() -> None:
     if args.free_nodes:
         flat = out / "flat-cost.json"
         flat.write_text(json.dumps({"base": 0.05, "knee": 4096, "per_token": 0.0, "draft": 0.0,
-                                    "per_node": 0.0, "tree_pass": 0.0}))
+                                    "per_node": 0.0, "tree_pass": 0.0, "tree_per_request": 0.0}))
         os.environ["VLLM_MEDUSA_COST_PROFILE"] = str(flat)
     os.environ.setdefault("VLLM_MEDUSA_CACHE_DIR", "off")
 

@@ -154,7 +154,7 @@ class StepCostModel:
             if (sol >= 0).all():
                 break
             free = [f for f, v in zip(free, sol.tolist()) if v > 0]  # drop the terms fitted negative
-        tree_pass, per_request, per_node = coef.tolist()
+        tree_pass, per_request, per_node = coef.clamp(min=0).tolist()
         return replace(self, tree_pass=tree_pass, tree_per_request=per_request, per_node=per_node)
 
     @staticmethod
