@@ -128,6 +128,12 @@ def test_a_fresh_engine_given_a_saved_profile_decodes_with_its_choice(demo_model
     # The first engine of a setup measured its step costs at start-up (forward passes of 1..32 tokens).
     assert [t for t, _ in data["cost"]["points"]] == [1, 2, 4, 8, 16, 32]
     assert all(sec > 0 for _, sec in data["cost"]["points"]) and data["cost"]["draft"] > 0
+    # ... and the tree pass of its (branching) tree, fitted per request and node, not the defaults.
+    default = StepCostModel()
+    fitted = StepCostModel.from_dict(data["cost"])
+    assert (fitted.tree_pass, fitted.tree_per_request, fitted.per_node) != (
+        default.tree_pass, default.tree_per_request, default.per_node)
+    assert fitted.tree_pass_cost(1, 16) > 0
     data["policy"]["buckets"] = {"1": {"none": [64.0, 2.0, 64], "chain-1": [90.0, 2.2, 64],
                                        "chain-2": [160.0, 2.2, 64], "chain-3": [100.0, 2.6, 64]}}
     files[0].write_text(json.dumps(data))
