@@ -72,3 +72,53 @@ def test_chain_mask_is_causal():
     tree = MedusaTree.from_paths(chain(4))
     dense = tree.dense_mask()
     assert torch.equal(dense, torch.tril(torch.ones(5, 5, dtype=torch.bool)))
+
+
+class _TimingRunner:
+    """What ``MedusaTreeRunnerMixin._medusa_time_tree_pass`` reads from a runner: vLLM's block
+    table, the KV caches and the model's shapes; the tree pass is the CPU one on a plain packing."""
+
+    def __init__(self, max_model_len: int, bs: int = 16, max_reqs: int = 8, num_blocks: int = 160):
+        from types import SimpleNamespace
+
+        from vllm.v1.worker.block_table import BlockTable
+
+        width = -(-max_model_len // bs)
+        self.input_batch = SimpleNamespace(max_num_reqs=max_reqs, block_table=[
+            BlockTable(bs, max_reqs, width, 2048, False, torch.device("cpu"), 1)])
+        self.kv_caches = [torch.zeros(num_blocks, 3, bs, 2 * 64) for _ in range(2)]
+        self.max_model_len = max_model_len
+        self.model_config = SimpleNamespace(get_num_attention_heads=lambda pc: 9,
+                                            get_num_kv_heads=lambda pc: 3, get_head_size=lambda: 64)
+        self.parallel_config = None
+        self.kv_cache_config = SimpleNamespace(num_blocks=num_blocks)
+        self.scheduler_config = SimpleNamespace(max_num_batched_tokens=2048)
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+        self.layout = CpuKVLayout.plain(bs, 64)
+
+    def _medusa_tree_pass(self, kv, query, key, value, output, batch, scale):
+        paged_tree_attention(query, key, value, kv, self.layout, batch, scale, output.view(query.shape))
+
+
+@pytest.mark.parametrize("max_model_len", [2048, 64, 16])
+def test_start_up_tree_pass_timing(max_model_len):
+    """The start-up measurement times enough shapes to fit the cost model, clears the block-table
+    rows it borrowed, and shortens its context (or skips) when max_model_len is short, rather
+    than failing the engine's start."""
+    from vllm_medusa.policy import StepCostModel
+    from vllm_medusa.runner import MedusaTreeRunnerMixin
+
+    runner = _TimingRunner(max_model_len)
+    for name in ("_medusa_time_tree_pass", "_medusa_attention_batch"):
+        setattr(runner, name, getattr(MedusaTreeRunnerMixin, name).__get__(runner))
+    tree = MedusaTree.from_paths(MC_SIM_7B_63[:16])
+    points = runner._medusa_time_tree_pass(tree, repeats=1)
+    table = runner.input_batch.block_table[0]
+    assert not table.block_table.np.any() and not table.num_blocks_per_row.any()
+    if max_model_len == 16:  # not even the tree fits beside a context
+        assert points == {}
+        return
+    assert {r for r, _ in points} == {1, 2, 4, 8} and {n for _, n in points} == {4, 16}
+    assert all(sec > 0 for sec in points.values())
+    assert StepCostModel().fit_tree_pass(points).tree_pass_cost(1, 16) > 0
+    assert runner._medusa_time_tree_pass(MedusaTree.from_paths(chain(4))) == {}

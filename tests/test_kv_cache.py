@@ -82,7 +82,8 @@ def _vllm_layout(isa: str, bs: int, hs: int, dtype: torch.dtype) -> CpuKVLayout:
     return CpuKVLayout.probe(write, bs, hs, dtype)
 
 
-@pytest.mark.parametrize("kind", ["transposed", "plain", "shuffled", "vllm-vec", "vllm-amx", "vllm-vec16"])
+@pytest.mark.parametrize("kind", ["transposed", "plain", "shuffled", "reversed", "vllm-vec", "vllm-amx",
+                                  "vllm-vec16"])
 def test_read_blocks_matches_slot_gather(kind):
     """Every packing vLLM writes is read as a strided view (no element-wise gather), and reads the
     same values as the slot-by-slot gather; an arbitrary permutation still reads correctly."""
@@ -97,6 +98,10 @@ def test_read_blocks_matches_slot_gather(kind):
         perm = torch.randperm(2 * n, generator=torch.Generator().manual_seed(0))
         layout = CpuKVLayout(perm[:n].view(bs, hs), perm[n:].view(bs, hs), bs, hs)
         assert layout.k_strides is None
+    elif kind == "reversed":  # slots stored last to first: strided, but with a negative stride
+        base = torch.arange(n).view(bs, hs)
+        layout = CpuKVLayout(base.flip(0), base + n, bs, hs)
+        assert layout.k_strides is None and layout.v_strides is not None
     else:
         isa = kind.split("-")[1]
         bs, hs, dtype = {"amx": (32, 64, torch.bfloat16), "vec": (16, 64, torch.bfloat16),

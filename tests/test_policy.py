@@ -195,6 +195,9 @@ def test_tree_pass_fitted_from_start_up_measurements():
     bent = StepCostModel().fit_tree_pass({(1, 4): 0.0066, (1, 16): 0.0080, (4, 4): 0.0171, (4, 16): 0.0259})
     assert min(bent.tree_pass, bent.tree_per_request, bent.per_node) >= 0
     assert bent.tree_pass_cost(1, 16) == pytest.approx(0.008, rel=0.25)
+    # A profile written before the per-request term: its tree_pass was the whole tree-pass cost.
+    old = StepCostModel.from_dict({"base": 0.03, "tree_pass": 0.005, "per_node": 0.0006})
+    assert old.tree_pass_cost(1, 4) == pytest.approx(0.005 + 0.0024)
     with pytest.raises(ValueError, match="tree-pass"):
         StepCostModel().fit_tree_pass({(1, 4): 0.006, (1, 16): 0.008})
     flat = {1: 0.045, 2: 0.046, 4: 0.047, 8: 0.049, 16: 0.060, 32: 0.080}

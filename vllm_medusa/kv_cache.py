@@ -154,6 +154,8 @@ def _strided_packing(index: torch.Tensor) -> tuple[int, list[tuple[int, int]], l
     dim_digits = _digits(rel[0, :].tolist())
     if slot_digits is None or dim_digits is None or not torch.equal(rel, rel[:, :1] + rel[:1, :]):
         return None
+    if any(stride < 0 for _, stride in slot_digits + dim_digits):  # as_strided takes none
+        return None
     return base, slot_digits, dim_digits
 
 

@@ -84,6 +84,8 @@ class StepCostModel:
     def from_dict(data: dict) -> "StepCostModel":
         keys = _COST_KEYS
         values = {k: data[k] for k in keys if k in data}
+        if "tree_pass" in values and "tree_per_request" not in values:
+            values["tree_per_request"] = 0.0  # written before the term existed: tree_pass was all of it
         if not all(isinstance(v, (int, float)) and v >= 0 for v in values.values()):
             raise ValueError(f"step-cost model needs non-negative numbers, got {values}")
         try:

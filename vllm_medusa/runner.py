@@ -283,16 +283,20 @@ class MedusaTreeRunnerMixin:
     def _medusa_time_tree_pass(self, tree: MedusaTree, ctx: int = 256, repeats: int = 2,
                                sizes: tuple[int, ...] = (1, 2, 4, 8)) -> dict[tuple[int, int], float]:
         """Seconds of the tree pass alone (every layer) for R requests, each verifying ``tree`` or
-        its first 4 nodes over ``ctx`` context tokens: what a branching tree adds to a step. The
+        a prefix of it over ``ctx`` context tokens: what a branching tree adds to a step. The
         contexts get distinct blocks in the block table for the measurement (cleared after); the
         cache is only read."""
         caches = [kv for kv in self.kv_caches if kv is not None]
-        if not caches or tree.is_chain:
+        ctx = min(ctx, self.max_model_len - tree.num_rows)  # context and tree rows fit a request
+        if not caches or tree.is_chain or ctx <= 0:
             return {}
         mc, pc = self.model_config, self.parallel_config
         hq, hk, d = mc.get_num_attention_heads(pc), mc.get_num_kv_heads(pc), mc.get_head_size()
         table = self.input_batch.block_table[0]
-        nb = (ctx + table.block_size - 1) // table.block_size
+        bs = table.block_size
+        nb = (ctx + bs - 1) // bs
+        if (ctx + tree.num_rows + bs - 1) // bs > table.max_num_blocks_per_req:
+            return {}
         free = self.kv_cache_config.num_blocks - 1  # block 0 is vLLM's null block
         limit = self.scheduler_config.max_num_batched_tokens
         sizes = tuple(r for r in sizes if r <= self.input_batch.max_num_reqs and r * nb <= free
@@ -304,7 +308,8 @@ class MedusaTreeRunnerMixin:
                 for i in range(r):
                     table.add_row(list(range(1 + i * nb, 1 + (i + 1) * nb)), i)
                 table.commit_block_table(r)
-                for n in sorted({min(4, tree.num_nodes), tree.num_nodes}):
+                # At least two sizes per R, so the per-request and per-node terms separate.
+                for n in sorted({max(1, tree.num_nodes // 4), min(4, tree.num_nodes), tree.num_nodes}):
                     t = tree.truncate(n)
                     batch = self._medusa_attention_batch([(i, i * t.num_rows, ctx, t) for i in range(r)])
                     rows = r * t.num_rows
