@@ -42,6 +42,7 @@ def main() -> None:
     from vllm_medusa.attention import TreeAttentionBatch, paged_tree_attention
     from vllm_medusa.cpu_runner import cpu_kv_layout
     from vllm_medusa.demo import demo_heads_path, demo_model_path
+    from vllm_medusa.proposer import heads_default_tree
     from vllm_medusa.trees import resolve_tree
 
     torch.set_num_threads(1)
@@ -58,14 +59,9 @@ def main() -> None:
     gather = copy.copy(strided)
     gather.k_strides = gather.v_strides = None  # the element-wise fallback, same packing
 
-    trees = []
-    for spec in args.trees.split(";"):
-        if spec == "default":
-            with open(os.path.join(str(demo_heads_path()), "tree.json")) as f:
-                spec_value = json.load(f)
-        else:
-            spec_value = spec
-        trees.append((spec, resolve_tree(spec_value, num_heads=16)))
+    default = heads_default_tree(str(demo_heads_path()))
+    trees = [(spec, resolve_tree(None if spec == "default" else spec, num_heads=16, default=default))
+             for spec in args.trees.split(";")]
     contexts = [int(c) for c in args.contexts.split(",")]
     requests = [int(r) for r in args.requests.split(",")]
 

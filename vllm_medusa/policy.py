@@ -82,8 +82,7 @@ class StepCostModel:
 
     @staticmethod
     def from_dict(data: dict) -> "StepCostModel":
-        keys = _COST_KEYS
-        values = {k: data[k] for k in keys if k in data}
+        values = {k: data[k] for k in _COST_KEYS if k in data}
         if "tree_pass" in values and "tree_per_request" not in values:
             values["tree_per_request"] = 0.0  # written before the term existed: tree_pass was all of it
         if not all(isinstance(v, (int, float)) and v >= 0 for v in values.values()):
