@@ -1,11 +1,12 @@
 """Learning curve of the heads: held-out MT-Bench accuracy and replayed acceptance per step against
 the number of training answer tokens, per data source and per kind of target.
 
-Each point trains heads with the shipped demo recipe (5 token-conditioned heads of one layer, one
-epoch, draft vocabulary 4096) on the first records of a features directory (prefixes, so every
-larger set contains the smaller ones), then evaluates them on the base model's greedy MT-Bench
-answers as `train evaluate` does: top-1 per head, and the mean tokens per step that the heads'
-own 4- and 16-node trees (and the 4-node tree with the prompt-lookup branch) give when replayed.
+Each point trains 5 token-conditioned heads for one epoch with a draft vocabulary of 4096 (the shipped
+demo heads' recipe with ``--layers 2 --softmax-size 8192``) on the first records of a features
+directory (prefixes, so every larger set contains the smaller ones), then evaluates them on the
+base model's greedy MT-Bench answers as `train evaluate` does: top-1 per head, and the mean tokens
+per step that the heads' own 4- and 16-node trees (and the 4-node tree with the prompt-lookup
+branch) give when replayed.
 
 ``--modes chained`` trains each point by continuing the previous point's heads (saved in bf16 and
 reloaded, as ``train train --init-heads`` does) on only the answers added since: the whole curve
@@ -66,6 +67,8 @@ def main() -> None:
     p.add_argument("--conditioning", default="bonus", help="bonus (every head sees the token just produced), "
                    "path (head k sees the token before its target), or both")
     p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--softmax-size", type=int, default=None,
+                   help="train the softmax over only the N most frequent answer tokens (the shipped heads: 8192)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of each point (a chained point "
                    "continuing earlier heads included)")
     p.add_argument("--epochs", type=float, default=1.0)
@@ -121,6 +124,7 @@ def main() -> None:
             continue
         cfg = TrainConfig(num_heads=5, num_layers=args.layers, lr=args.lr, epochs=args.epochs, batch_size=256,
                           heldout_fraction=0.02, softmax_vocab="data", draft_vocab=4096,
+                          softmax_size=args.softmax_size,
                           token_conditioned=True, path_conditioned=cond == "path",
                           soft_targets=kind == "soft")
         init, start = None, 0
@@ -145,6 +149,7 @@ def main() -> None:
                        "per_step_4_lookup": ev["budgets"][4].get("per_step_lookup"),
                        "eval_positions": ev["positions"]})
         write_json(result_file, {"model": model, "layers": args.layers, "epochs": args.epochs,
+                                 "softmax_size": args.softmax_size,
                                  "eval_answers": str(answers), "points": points})
     write_outputs(out, points)
     print((out / "learning_curve.md").read_text())

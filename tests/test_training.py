@@ -420,6 +420,32 @@ def test_archive_round_trip_restores_a_fresh_work_dir(tmp_path):
         archive_records(other, archive, shard_records=3)
 
 
+def test_finished_run_archives_its_last_short_shard(tmp_path):
+    """A finished run keeps every answer (the short tail too); a longer run later fills that shard."""
+    from vllm_medusa.train.distill import archive_records, read_records, restore_records
+
+    recs = synthetic_records(9)
+    data = tmp_path / "distill.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs[:7]))
+    archive = tmp_path / "archive"
+    assert len(archive_records(data, archive, shard_records=3, final=True)) == 3
+    fresh = tmp_path / "fresh.jsonl"
+    assert restore_records(archive, fresh) == 7
+    assert read_records(fresh) == recs[:7]
+    assert archive_records(data, archive, shard_records=3, final=True) == []
+
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert [p.name for p in archive_records(data, archive, shard_records=3)] == ["part-00002.jsonl.gz"]
+    fresh.unlink()
+    assert restore_records(archive, fresh) == 9
+    assert read_records(fresh) == recs
+
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps(r) + "\n" for r in [*recs[:6], recs[8]]))
+    with pytest.raises(ValueError, match="part-00002"):
+        archive_records(other, archive, shard_records=3, final=True)
+
+
 def test_later_turns_follow_all_first_turns_with_their_history(tiny):
     """First turns keep their ids and order (a resumed run extends the same list); second turns come
     next with the conversation so far; broken alternation and overlong prompts are skipped."""

@@ -81,9 +81,11 @@ def _read_shard(path: Path) -> list[dict[str, Any]]:
 
 
 def archive_records(records_file: str | os.PathLike, archive_dir: str | os.PathLike,
-                    shard_records: int = SHARD_RECORDS) -> list[Path]:
+                    shard_records: int = SHARD_RECORDS, final: bool = False) -> list[Path]:
     """Copy each complete run of ``shard_records`` records of ``records_file`` not yet archived into
-    ``archive_dir/part-NNNNN.jsonl.gz``; returns the new shards.
+    ``archive_dir/part-NNNNN.jsonl.gz``; returns the new shards. ``final`` (the run has answered
+    every prompt): the records after the last complete run go into a shorter last shard, which a
+    later, longer run rewrites as its run fills up.
 
     Generation is the expensive stage (hours on a CPU) and the work dir is a cache, so the records
     are kept in a form small enough to commit. The bytes are deterministic (gzip mtime 0), so
@@ -93,15 +95,18 @@ def archive_records(records_file: str | os.PathLike, archive_dir: str | os.PathL
     archive_dir = Path(archive_dir)
     records = read_records(records_file)
     new = []
-    for index in range(len(records) // shard_records):
+    count = -(-len(records) // shard_records) if final else len(records) // shard_records
+    for index in range(count):
         chunk = records[index * shard_records:(index + 1) * shard_records]
         path = _shard_path(archive_dir, index)
         if path.is_file():
             have = [r["id"] for r in _read_shard(path)]
-            if have != [r["id"] for r in chunk]:
+            want = [r["id"] for r in chunk]
+            if have != want[:len(have)] or (len(have) == len(want) and have != want):
                 raise ValueError(f"{path} holds other records than {records_file} (first id {have[:1]} vs "
                                  f"{chunk[0]['id']!r}): archive into a fresh directory")
-            continue
+            if len(have) == len(want):
+                continue
         archive_dir.mkdir(parents=True, exist_ok=True)
         payload = _jsonl(chunk).encode()
         tmp = path.with_suffix(".tmp")
@@ -312,15 +317,20 @@ def distill(model: str | os.PathLike, out_file: str | os.PathLike, *, num_sample
     prompts = sharegpt_prompts(tokenizer, num_samples, max_prompt_tokens)
     done = {r["id"] for r in read_records(out_file)}
     if all(p.id in done for p in prompts):
+        if archive_dir is not None:
+            archive_records(out_file, archive_dir, final=True)
         return Path(out_file)
     llm = build_llm(model, max_model_len=max_prompt_tokens + max_tokens, max_num_seqs=max_num_seqs,
                     kv_cache_gb=kv_cache_gb, seed=seed, dtype=dtype or distill_dtype())
     try:
-        return generate_answers(llm, prompts, out_file, max_tokens=max_tokens, temperature=temperature,
-                                chunk_size=chunk_size or 4 * max_num_seqs, seed=seed,
-                                on_chunk=None if archive_dir is None else lambda: archive_records(out_file, archive_dir))
+        generate_answers(llm, prompts, out_file, max_tokens=max_tokens, temperature=temperature,
+                         chunk_size=chunk_size or 4 * max_num_seqs, seed=seed,
+                         on_chunk=None if archive_dir is None else lambda: archive_records(out_file, archive_dir))
     finally:
         shutdown_engine(llm)
+    if archive_dir is not None:
+        archive_records(out_file, archive_dir, final=True)
+    return Path(out_file)
 
 
 def sharegpt_text(model: str | os.PathLike, out_file: str | os.PathLike, *, num_samples: int = 2000,
