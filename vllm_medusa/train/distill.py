@@ -102,7 +102,7 @@ def archive_records(records_file: str | os.PathLike, archive_dir: str | os.PathL
         if path.is_file():
             have = [r["id"] for r in _read_shard(path)]
             want = [r["id"] for r in chunk]
-            if have != want[:len(have)] or (len(have) == len(want) and have != want):
+            if have != want[:len(have)]:  # a shorter shard is an earlier run's last one: refilled below
                 raise ValueError(f"{path} holds other records than {records_file} (first id {have[:1]} vs "
                                  f"{chunk[0]['id']!r}): archive into a fresh directory")
             if len(have) == len(want):
