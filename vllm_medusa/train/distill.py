@@ -316,18 +316,15 @@ def distill(model: str | os.PathLike, out_file: str | os.PathLike, *, num_sample
     tokenizer = AutoTokenizer.from_pretrained(str(model))
     prompts = sharegpt_prompts(tokenizer, num_samples, max_prompt_tokens)
     done = {r["id"] for r in read_records(out_file)}
-    if all(p.id in done for p in prompts):
-        if archive_dir is not None:
-            archive_records(out_file, archive_dir, final=True)
-        return Path(out_file)
-    llm = build_llm(model, max_model_len=max_prompt_tokens + max_tokens, max_num_seqs=max_num_seqs,
-                    kv_cache_gb=kv_cache_gb, seed=seed, dtype=dtype or distill_dtype())
-    try:
-        generate_answers(llm, prompts, out_file, max_tokens=max_tokens, temperature=temperature,
-                         chunk_size=chunk_size or 4 * max_num_seqs, seed=seed,
-                         on_chunk=None if archive_dir is None else lambda: archive_records(out_file, archive_dir))
-    finally:
-        shutdown_engine(llm)
+    if not all(p.id in done for p in prompts):
+        llm = build_llm(model, max_model_len=max_prompt_tokens + max_tokens, max_num_seqs=max_num_seqs,
+                        kv_cache_gb=kv_cache_gb, seed=seed, dtype=dtype or distill_dtype())
+        try:
+            generate_answers(llm, prompts, out_file, max_tokens=max_tokens, temperature=temperature,
+                             chunk_size=chunk_size or 4 * max_num_seqs, seed=seed,
+                             on_chunk=None if archive_dir is None else lambda: archive_records(out_file, archive_dir))
+        finally:
+            shutdown_engine(llm)
     if archive_dir is not None:
         archive_records(out_file, archive_dir, final=True)
     return Path(out_file)
